@@ -1,0 +1,47 @@
+"""Shared fixtures: the real ComfyUI server and the marker that needs it."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from comfy_server import ComfyServer, find_comfyui
+
+COMFYUI_PATH = find_comfyui()
+SKIP_REASON = (
+    "ComfyUI not found: set COMFYUI_PATH to a ComfyUI v0.3.64+ checkout "
+    "(or unpack one at ~/comfy/ComfyUI) to run the real-ComfyUI tests"
+)
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def pytest_collection_modifyitems(config, items):
+    if COMFYUI_PATH is not None:
+        return
+    skip = pytest.mark.skip(reason=SKIP_REASON)
+    for item in items:
+        if "comfyui" in item.keywords:
+            item.add_marker(skip)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    skipped = [r for r in terminalreporter.stats.get("skipped", []) if SKIP_REASON in str(r.longrepr)]
+    if skipped:
+        terminalreporter.write_sep("!", f"{len(skipped)} real-ComfyUI tests SKIPPED", red=True, bold=True)
+        terminalreporter.write_line(SKIP_REASON, red=True)
+
+
+@pytest.fixture(scope="session")
+def comfy(tmp_path_factory):
+    """One real ComfyUI server for the whole test session."""
+    if COMFYUI_PATH is None:
+        pytest.skip(SKIP_REASON)
+    server = ComfyServer(COMFYUI_PATH, tmp_path_factory.mktemp("comfyui"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
