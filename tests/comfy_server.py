@@ -54,6 +54,7 @@ class ComfyServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = self.base_dir / "comfyui.log"
         self.process: subprocess.Popen | None = None
+        self.startup_log = ""
         self.client_id = uuid.uuid4().hex
 
     # --- folders -------------------------------------------------------------------
@@ -97,6 +98,7 @@ class ComfyServer:
                 raise RuntimeError(f"ComfyUI exited at start-up:\n{self.log_tail()}")
             try:
                 self.get_json("/system_stats", timeout=2)
+                self.startup_log = self.log_text()
                 return self
             except (urllib.error.URLError, ConnectionError, OSError):
                 time.sleep(0.5)

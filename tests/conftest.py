@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from comfy_server import ComfyServer, find_comfyui
+from tiny_checkpoints import ARCHS, write_tiny_checkpoint
 
 COMFYUI_PATH = find_comfyui()
 SKIP_REASON = (
@@ -45,3 +46,42 @@ def comfy(tmp_path_factory):
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_file(comfy):
+    """Writes each tiny checkpoint into the server's diffusion_models folder once per session."""
+    written: dict[str, str] = {}
+
+    def get(arch: str) -> str:
+        if arch not in written:
+            name = f"tiny_{arch}.safetensors"
+            write_tiny_checkpoint(arch, comfy.models_dir("diffusion_models") / name, seed=0)
+            written[arch] = name
+        return written[arch]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def text_embedding_file(comfy):
+    """Random text-encoder outputs of the right widths, saved in the pack's cache format."""
+    from musubi.text_embeddings import TextEmbedding, save_text_embedding
+
+    written: dict[str, str] = {}
+
+    def get(arch: str) -> str:
+        tiny = ARCHS[arch]
+        if tiny.family not in written:
+            generator = torch.Generator().manual_seed(1)
+            context = torch.randn(7, tiny.text_dim, generator=generator)
+            pooled = None if tiny.pooled_dim is None else torch.randn(tiny.pooled_dim, generator=generator)
+            name = f"random_{tiny.family}.safetensors"
+            save_text_embedding(
+                comfy.models_dir("text_embeddings") / name,
+                TextEmbedding(context=context, pooled=pooled, architecture=tiny.family, extra={}),
+            )
+            written[tiny.family] = name
+        return written[tiny.family]
+
+    return get

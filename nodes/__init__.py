@@ -1,0 +1,20 @@
+"""Thin ComfyUI V3 nodes over the ``musubi`` library (no algorithms here)."""
+
+from comfy_api.latest import ComfyExtension, io
+
+from .ema_merge import MusubiPostHocEMAMerge
+from .text_embeddings import MusubiLoadTextEmbedding, MusubiSaveTextEmbedding
+from .timesteps import MusubiTimestepDistributionPreview, MusubiTimestepSettings
+
+NODES: list[type[io.ComfyNode]] = [
+    MusubiLoadTextEmbedding,
+    MusubiSaveTextEmbedding,
+    MusubiPostHocEMAMerge,
+    MusubiTimestepSettings,
+    MusubiTimestepDistributionPreview,
+]
+
+
+class MusubiExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return NODES
