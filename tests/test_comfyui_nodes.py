@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from comfy_server import Graph
+from fixture_files import write_wan_lora_checkpoints
 
 pytestmark = pytest.mark.comfyui
 
@@ -58,32 +59,9 @@ def test_timestep_settings_reject_an_inverted_range(comfy):
 
 # --- Post-Hoc EMA Merge -------------------------------------------------------------------
 
-WAN_MODULES = ["blocks.0.self_attn.q", "blocks.0.cross_attn.k", "blocks.0.ffn.0"]
-
-
-def _write_wan_lora_checkpoints(folder, count: int, rank: int = 4) -> list:
-    """LoRA checkpoints for the tiny Wan model in ComfyUI-native keys, oldest first."""
-    folder.mkdir(parents=True, exist_ok=True)
-    shapes = {"blocks.0.self_attn.q": (128, 128), "blocks.0.cross_attn.k": (128, 128), "blocks.0.ffn.0": (256, 128)}
-    paths = []
-    for index in range(count):
-        generator = torch.Generator().manual_seed(100 + index)
-        tensors = {}
-        for module, (out_features, in_features) in shapes.items():
-            prefix = f"diffusion_model.{module}"
-            tensors[f"{prefix}.lora_down.weight"] = torch.randn(rank, in_features, generator=generator).to(torch.bfloat16)
-            tensors[f"{prefix}.lora_up.weight"] = torch.randn(out_features, rank, generator=generator).to(torch.bfloat16)
-            tensors[f"{prefix}.alpha"] = torch.tensor(float(rank))
-        path = folder / f"step_{index:03d}.safetensors"
-        safetensors.torch.save_file(tensors, path, metadata={"ss_steps": str(index)})
-        os.utime(path, (1_700_000_000 + index, 1_700_000_000 + index))
-        paths.append(path)
-    return paths
-
-
 def test_ema_merge_writes_weights_and_feeds_core_lora_loader(comfy, tiny_model_file, text_embedding_file):
     loras = comfy.models_dir("loras")
-    paths = _write_wan_lora_checkpoints(loras / "run_a", count=3)
+    paths = write_wan_lora_checkpoints(loras / "run_a", count=3)
 
     g = Graph()
     merge = g.add("MusubiPostHocEMAMerge", checkpoints="run_a/*.safetensors", output_name="ema/run_a",
@@ -118,7 +96,7 @@ def test_ema_merge_writes_weights_and_feeds_core_lora_loader(comfy, tiny_model_f
 
 def test_ema_merge_never_overwrites_and_reruns_when_checkpoints_change(comfy):
     loras = comfy.models_dir("loras")
-    paths = _write_wan_lora_checkpoints(loras / "run_b", count=2)
+    paths = write_wan_lora_checkpoints(loras / "run_b", count=2)
     g = Graph()
     merge = g.add("MusubiPostHocEMAMerge", checkpoints="run_b/step_000.safetensors\nrun_b/step_001.safetensors",
                   output_name="ema/run_b", mode="sigma_rel", beta=0.95, beta2=0.95, sigma_rel=0.29,
@@ -152,7 +130,7 @@ def test_ema_merge_never_overwrites_and_reruns_when_checkpoints_change(comfy):
 )
 def test_ema_merge_bad_input_is_explained_and_writes_nothing(comfy, checkpoints, output_name, expected):
     loras = comfy.models_dir("loras")
-    _write_wan_lora_checkpoints(loras / "run_c", count=2)
+    write_wan_lora_checkpoints(loras / "run_c", count=2)
     before = sorted(p for p in loras.rglob("*") if p.is_file())
     g = Graph()
     g.add("MusubiPostHocEMAMerge", checkpoints=checkpoints, output_name=output_name, mode="beta",

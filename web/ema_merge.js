@@ -1,0 +1,71 @@
+// Post-Hoc EMA Merge: a "pick checkpoints" button that lists the loras folders with
+// checkboxes and writes the chosen names into the node's `checkpoints` text, one per line.
+import { app } from "../../scripts/app.js";
+import { api } from "../../scripts/api.js";
+
+function pickerDialog(names, chosen, onDone) {
+  const overlay = document.createElement("div");
+  overlay.style.cssText =
+    "position:fixed;inset:0;background:rgba(0,0,0,.5);z-index:10000;display:flex;align-items:center;justify-content:center";
+  const box = document.createElement("div");
+  box.style.cssText =
+    "background:var(--comfy-menu-bg,#222);color:var(--input-text,#ddd);padding:12px;border-radius:6px;" +
+    "max-height:80vh;width:min(640px,90vw);display:flex;flex-direction:column;gap:8px;font:13px sans-serif";
+  const filter = document.createElement("input");
+  filter.placeholder = "filter, e.g. my_lora/";
+  const list = document.createElement("div");
+  list.style.cssText = "overflow:auto;flex:1;border:1px solid #555;padding:4px";
+  const boxes = names.map((name) => {
+    const label = document.createElement("label");
+    label.style.display = "block";
+    const check = document.createElement("input");
+    check.type = "checkbox";
+    check.checked = chosen.has(name);
+    label.append(check, " " + name);
+    list.append(label);
+    return { name, label, check };
+  });
+  filter.oninput = () => {
+    const text = filter.value.toLowerCase();
+    for (const { name, label } of boxes) label.style.display = name.toLowerCase().includes(text) ? "block" : "none";
+  };
+  const buttons = document.createElement("div");
+  buttons.style.cssText = "display:flex;gap:8px;justify-content:flex-end";
+  const all = Object.assign(document.createElement("button"), { textContent: "select shown" });
+  all.onclick = () => boxes.forEach((b) => b.label.style.display !== "none" && (b.check.checked = true));
+  const ok = Object.assign(document.createElement("button"), { textContent: "OK" });
+  ok.onclick = () => {
+    onDone(boxes.filter((b) => b.check.checked).map((b) => b.name));
+    overlay.remove();
+  };
+  const cancel = Object.assign(document.createElement("button"), { textContent: "Cancel" });
+  cancel.onclick = () => overlay.remove();
+  buttons.append(all, cancel, ok);
+  box.append(filter, list, buttons);
+  overlay.append(box);
+  document.body.append(overlay);
+  filter.focus();
+}
+
+app.registerExtension({
+  name: "musubi.PostHocEMAMerge",
+  async beforeRegisterNodeDef(nodeType, nodeData) {
+    if (nodeData.name !== "MusubiPostHocEMAMerge") return;
+    const created = nodeType.prototype.onNodeCreated;
+    nodeType.prototype.onNodeCreated = function () {
+      const result = created?.apply(this, arguments);
+      const text = this.widgets?.find((w) => w.name === "checkpoints");
+      const button = this.addWidget("button", "pick checkpoints…", null, async () => {
+        const response = await api.fetchApi("/models/loras");
+        const names = (await response.json()).filter((n) => n.endsWith(".safetensors"));
+        const chosen = new Set((text?.value ?? "").split("\n").map((s) => s.trim()));
+        pickerDialog(names, chosen, (picked) => {
+          if (text) text.value = picked.join("\n");
+          this.setDirtyCanvas(true, true);
+        });
+      }, { serialize: false });
+      button.serialize = false; // a button holds no value: keep widgets_values unchanged
+      return result;
+    };
+  },
+});
