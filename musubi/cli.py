@@ -13,6 +13,7 @@ from .errors import MusubiError
 COMMANDS = {
     "ema-merge": (".ema_merge", "Merge LoRA checkpoints with a post-hoc EMA."),
     "timesteps": (".timestep_preview", "Show the training timestep distribution."),
+    "quantize": (".fp8", "Quantize a DiT checkpoint to block-scaled FP8."),
 }
 
 
