@@ -3,10 +3,12 @@
 from comfy_api.latest import ComfyExtension, io
 
 from .ema_merge import MusubiPostHocEMAMerge
+from .load_dit_fp8 import MusubiLoadDiTFP8Scaled
 from .text_embeddings import MusubiLoadTextEmbedding, MusubiSaveTextEmbedding
 from .timesteps import MusubiTimestepDistributionPreview, MusubiTimestepSettings
 
 NODES: list[type[io.ComfyNode]] = [
+    MusubiLoadDiTFP8Scaled,
     MusubiLoadTextEmbedding,
     MusubiSaveTextEmbedding,
     MusubiPostHocEMAMerge,

@@ -56,12 +56,14 @@ def resolve_patterns(node: str, folder: str, lines: str) -> list[str]:
 
 
 def new_output_path(node: str, folder: str, name: str, extension: str = ".safetensors") -> str:
-    """A path for ``name`` inside the first folder of ``folder`` that never overwrites a file.
+    """A path for ``name`` inside the model folder ``folder`` that never overwrites a file.
 
     ``name`` may contain sub-folders but must stay inside the model folder; when the file
     exists, ``_00001``, ``_00002``… is appended.
     """
-    root = os.path.abspath(folder_paths.get_folder_paths(folder)[0])
+    roots = [os.path.abspath(path) for path in folder_paths.get_folder_paths(folder)]
+    # models/diffusion_models, not its legacy alias models/unet that ComfyUI lists first.
+    root = next((path for path in roots if os.path.basename(path) == folder), roots[0])
     name = name.strip().replace("\\", "/")
     if name.endswith(extension):
         name = name[: -len(extension)]
