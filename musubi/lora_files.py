@@ -15,7 +15,8 @@ Three layouts name the same tensors of the LoRA on module ``blocks.0.self_attn.q
 Inside the library a LoRA is held in one *canonical* form: ``<path>.lora_down.weight``,
 ``<path>.lora_up.weight`` and ``<path>.alpha`` with ``path`` the module path on the trained tree.
 Because the kohya layout replaced dots by underscores, its names are resolved back through the
-table of the model's module names, never by guessing which underscores were dots.
+table of the model's module names, never by guessing which underscores were dots; a name that
+fits several modules is an error.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import datetime
 import json
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from safetensors.torch import load_file
@@ -39,13 +40,16 @@ COMFYUI_PREFIX = "diffusion_model."
 # Prefixes in front of the module path in ComfyUI-, diffusers- and PEFT-style files.
 PATH_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "base_model.model.")
 
+# Canonical tensor suffixes of one module.
+LORA_DOWN, LORA_UP, LORA_ALPHA = ".lora_down.weight", ".lora_up.weight", ".alpha"
+CANONICAL_SUFFIXES = (LORA_DOWN, LORA_UP, LORA_ALPHA)
 # File tensor suffix -> canonical suffix.
 _SUFFIXES = {
-    ".lora_down.weight": ".lora_down.weight",
-    ".lora_up.weight": ".lora_up.weight",
-    ".lora_A.weight": ".lora_down.weight",
-    ".lora_B.weight": ".lora_up.weight",
-    ".alpha": ".alpha",
+    ".lora_down.weight": LORA_DOWN,
+    ".lora_up.weight": LORA_UP,
+    ".lora_A.weight": LORA_DOWN,
+    ".lora_B.weight": LORA_UP,
+    ".alpha": LORA_ALPHA,
 }
 _OTHER_NETWORK_MARKS = ("hada_w", "lokr_w", ".oft_", ".boft_")
 _SAVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -67,14 +71,14 @@ def from_canonical(
         raise MusubiError(f"cannot save a LoRA as {dtype}; choose float32, float16 or bfloat16.")
     tensors: dict[str, torch.Tensor] = {}
     for key, tensor in state_dict.items():
-        suffix = next((s for s in (".lora_down.weight", ".lora_up.weight", ".alpha") if key.endswith(s)), None)
+        suffix = next((s for s in CANONICAL_SUFFIXES if key.endswith(s)), None)
         if suffix is None:
             raise MusubiError(f"'{key}' is not a canonical LoRA key (<path>.lora_down.weight / .lora_up.weight / .alpha).")
         path = key[: -len(suffix)]
         if file_format == "comfyui":
             name = COMFYUI_PREFIX + path
         else:
-            name = KOHYA_PREFIX + preset.musubi_name(path).replace(".", "_")
+            name = _kohya_name(preset.musubi_name(path))
         value = tensor.detach().to("cpu")
         if dtype is not None:
             value = value.to(dtype)
@@ -93,11 +97,36 @@ def to_canonical(
     keys stay as they are. Keys that resolve to no known module, or are no LoRA tensor, are kept
     unchanged so that the loader can name them. A missing alpha becomes an explicit ``α = r``.
     """
+    lora = group_lora_modules(state_dict, module_names, arch)
+    canonical: dict[str, torch.Tensor] = {}
+    for path, roles in lora.modules.items():
+        for role, (_, tensor) in roles.items():
+            canonical[path + role] = tensor
+        if LORA_ALPHA not in roles and LORA_DOWN in roles:
+            rank = roles[LORA_DOWN][1].shape[0]
+            canonical[path + LORA_ALPHA] = torch.tensor(float(rank))
+    canonical.update(lora.unresolved)
+    return canonical, lora.file_format
+
+
+class LoraModules(NamedTuple):
+    """A LoRA's tensors grouped by the model module they belong to, each with its key in the file."""
+
+    modules: dict[str, dict[str, tuple[str, torch.Tensor]]]  # module path -> canonical suffix -> (file key, tensor)
+    unresolved: dict[str, torch.Tensor]  # file keys of modules not found and of tensors that are no LoRA weight
+    file_format: str  # "comfyui", "musubi", "diffusers", "canonical" or "mixed"
+
+
+def group_lora_modules(
+    state_dict: Mapping[str, torch.Tensor],
+    module_names: Iterable[str] | None = None,
+    arch: LoraPreset | str = GENERIC,
+) -> LoraModules:
+    """The parsing behind :func:`to_canonical`, keeping file keys so that callers can report them."""
     preset = get_preset(arch)
-    known = None if module_names is None else set(module_names)
-    kohya_table = None if module_names is None else {
-        KOHYA_PREFIX + preset.musubi_name(path).replace(".", "_"): path for path in module_names
-    }
+    names = None if module_names is None else list(module_names)
+    known = None if names is None else set(names)
+    kohya_table = None if names is None else _kohya_table(names, preset)
 
     groups: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
     leftovers: dict[str, torch.Tensor] = {}
@@ -115,31 +144,51 @@ def to_canonical(
     if not groups:
         _raise_not_a_lora(state_dict)
 
-    canonical: dict[str, torch.Tensor] = {}
+    modules: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
+    unresolved: dict[str, torch.Tensor] = {}
     formats: set[str] = set()
     origin: dict[str, str] = {}
     for module_key, roles in groups.items():
         file_format, path = _resolve(module_key, roles, known, kohya_table, preset)
         formats.add(file_format)
-        if path is None:  # unresolved: keep the file's own keys for the loader to report
-            canonical.update({key: tensor for key, tensor in roles.values()})
+        if path is None:
+            unresolved.update({key: tensor for key, tensor in roles.values()})
             continue
         if path in origin:
             raise MusubiError(f"the LoRA holds module '{path}' twice (as '{origin[path]}' and '{module_key}'); keep one.")
         origin[path] = module_key
-        for role, (_, tensor) in roles.items():
-            canonical[path + role] = tensor
-        if ".alpha" not in roles and ".lora_down.weight" in roles:
-            rank = roles[".lora_down.weight"][1].shape[0]
-            canonical[path + ".alpha"] = torch.tensor(float(rank))
-    canonical.update(leftovers)
-    return canonical, formats.pop() if len(formats) == 1 else "mixed"
+        modules[path] = roles
+    unresolved.update(leftovers)
+    return LoraModules(modules, unresolved, formats.pop() if len(formats) == 1 else "mixed")
+
+
+def _kohya_table(module_names: Iterable[str], preset: LoraPreset) -> dict[str, set[str]]:
+    """kohya name -> module paths; more than one path when turning dots into underscores made names collide.
+
+    Both musubi-tuner's name and the tree's own name of each module are listed: ComfyUI maps
+    ``lora_unet_`` names built from its own (tree) names too, and they differ for HunyuanVideo.
+    """
+    table: dict[str, set[str]] = {}
+    for path in module_names:
+        for name in (preset.musubi_name(path), path):
+            table.setdefault(_kohya_name(name), set()).add(path)
+    return table
+
+
+def _kohya_name(dotted_name: str) -> str:
+    return KOHYA_PREFIX + dotted_name.replace(".", "_")
 
 
 def _resolve(module_key, roles, known, kohya_table, preset) -> tuple[str, str | None]:
     """(layout, module path on the tree or None when it cannot be resolved) of one file module."""
     if module_key.startswith(KOHYA_PREFIX):
-        return "musubi", None if kohya_table is None else kohya_table.get(module_key)
+        paths = set() if kohya_table is None else kohya_table.get(module_key, set())
+        if len(paths) > 1:
+            raise MusubiError(
+                f"the kohya name {module_key} fits several layers ({', '.join(sorted(paths))}) because dots "
+                "became underscores; convert the LoRA to the ComfyUI or diffusers layout (dotted names)."
+            )
+        return "musubi", next(iter(paths), None)
     prefix = next((p for p in PATH_PREFIXES if module_key.startswith(p)), "")
     rest = module_key[len(prefix):]
     peft = any(key.endswith((".lora_A.weight", ".lora_B.weight")) for key, _ in roles.values())
@@ -152,8 +201,17 @@ def _resolve(module_key, roles, known, kohya_table, preset) -> tuple[str, str | 
     return file_format, None
 
 
-def _raise_not_a_lora(state_dict: Mapping[str, torch.Tensor]) -> None:
-    keys = list(state_dict)
+def check_is_lora(keys: Iterable[str]) -> None:
+    """MusubiError saying what the tensors are instead when none is a LoRA weight (so a file can be
+    checked from its header alone)."""
+    keys = list(keys)
+    weight_suffixes = tuple(suffix for suffix, role in _SUFFIXES.items() if role != LORA_ALPHA)
+    if not any(key.endswith(weight_suffixes) for key in keys):
+        _raise_not_a_lora(keys)
+
+
+def _raise_not_a_lora(keys: Iterable[str]) -> None:
+    keys = list(keys)
     if any(mark in key for key in keys for mark in _OTHER_NETWORK_MARKS):
         raise MusubiError("this is a LoHa/LoKr/OFT network, not a LoRA; only LoRA (lora_down/lora_up, lora_A/lora_B) is supported.")
     sample = ", ".join(keys[:3]) or "no tensors at all"
@@ -342,7 +400,7 @@ def convert_lora_file(
 
 
 def _is_canonical_key(key: str, names: set[str] | None) -> bool:
-    suffix = next((s for s in (".lora_down.weight", ".lora_up.weight", ".alpha") if key.endswith(s)), None)
+    suffix = next((s for s in CANONICAL_SUFFIXES if key.endswith(s)), None)
     if suffix is None or key.startswith(KOHYA_PREFIX):
         return False
     return names is None or key[: -len(suffix)] in names

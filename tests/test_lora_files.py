@@ -21,7 +21,9 @@ from torch import nn
 
 from comfy_server import find_comfyui
 from musubi.errors import MusubiError
-from musubi.lora_files import convert_lora_file, load_lora_state_dict, save_lora, training_metadata
+from musubi.lora_files import (
+    check_is_lora, convert_lora_file, group_lora_modules, load_lora_state_dict, save_lora, to_canonical, training_metadata,
+)
 from musubi.lora_network import LoRANetwork, network_from_args
 from test_lora_network import HunyuanVideo, QwenImageTransformer2DModel, WanModel
 
@@ -195,6 +197,55 @@ def test_convert_between_layouts_keeps_tensors_and_metadata(tmp_path):
     assert set(back) == set(original) and all(torch.equal(back[k], original[k]) for k in original)
     assert converted_meta["ss_seed"] == back_meta["ss_seed"] == "7"
     assert back_meta["sshs_model_hash"] == original_meta["sshs_model_hash"]  # same tensors, same hash
+
+
+def test_grouped_modules_keep_the_file_keys_of_every_tensor():
+    down, up, alpha = torch.randn(2, 8), torch.randn(16, 2), torch.tensor(3.0)
+    lora = {"transformer.blocks.0.ffn.0.lora_A.weight": down, "transformer.blocks.0.ffn.0.lora_B.weight": up,
+            "lora_unet_blocks_0_self_attn_q.lora_down.weight": down, "lora_unet_blocks_0_self_attn_q.alpha": alpha,
+            "lora_unet_blocks_5_ffn_0.lora_down.weight": down, "step": torch.tensor(1)}
+    grouped = group_lora_modules(lora, ["blocks.0.ffn.0", "blocks.0.self_attn.q"], "wan")
+    assert grouped.file_format == "mixed"
+    assert grouped.modules == {
+        "blocks.0.ffn.0": {".lora_down.weight": ("transformer.blocks.0.ffn.0.lora_A.weight", down),
+                           ".lora_up.weight": ("transformer.blocks.0.ffn.0.lora_B.weight", up)},
+        "blocks.0.self_attn.q": {".lora_down.weight": ("lora_unet_blocks_0_self_attn_q.lora_down.weight", down),
+                                 ".alpha": ("lora_unet_blocks_0_self_attn_q.alpha", alpha)},
+    }
+    assert set(grouped.unresolved) == {"lora_unet_blocks_5_ffn_0.lora_down.weight", "step"}
+
+
+def test_an_ambiguous_kohya_name_is_an_error_not_a_guess():
+    down, up = torch.randn(2, 8), torch.randn(8, 2)
+    lora = {"lora_unet_blocks_0_a_b_c.lora_down.weight": down, "lora_unet_blocks_0_a_b_c.lora_up.weight": up}
+    with pytest.raises(MusubiError, match=r"fits several layers \(blocks\.0\.a\.b_c, blocks\.0\.a_b\.c\)"):
+        to_canonical(lora, ["blocks.0.a_b.c", "blocks.0.a.b_c"])
+    canonical, _ = to_canonical(lora, ["blocks.0.a_b.c", "blocks.0.x"])  # unambiguous on another model
+    assert set(canonical) == {"blocks.0.a_b.c.lora_down.weight", "blocks.0.a_b.c.lora_up.weight", "blocks.0.a_b.c.alpha"}
+
+
+def test_hunyuan_video_kohya_names_in_either_naming_resolve():
+    """musubi-tuner writes the official names; ComfyUI also maps lora_unet_ names built from its own."""
+    down, up = torch.randn(2, 8), torch.randn(8, 2)
+    lora = {"lora_unet_double_blocks_0_img_mod_linear.lora_down.weight": down,
+            "lora_unet_double_blocks_0_img_mod_linear.lora_up.weight": up,
+            "lora_unet_double_blocks_0_img_mlp_0.lora_down.weight": down,
+            "lora_unet_double_blocks_0_img_mlp_0.lora_up.weight": up,
+            "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": down,  # alike in both namings
+            "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": up}
+    names = ["double_blocks.0.img_mod.lin", "double_blocks.0.img_mlp.0", "double_blocks.0.img_attn.qkv"]
+    canonical, layout = to_canonical(lora, names, "hunyuan_video")
+    assert layout == "musubi"
+    assert set(canonical) == {f"{name}{suffix}" for name in names for suffix in (".lora_down.weight", ".lora_up.weight", ".alpha")}
+
+
+def test_check_is_lora_reads_key_names_only():
+    check_is_lora(["lora_unet_x.lora_down.weight", "lora_unet_x.alpha"])
+    check_is_lora(["transformer.x.lora_B.weight"])
+    with pytest.raises(MusubiError, match="not a LoRA"):
+        check_is_lora(["blocks.0.ffn.0.weight", "x.alpha"])
+    with pytest.raises(MusubiError, match="LoHa/LoKr"):
+        check_is_lora(["lora_unet_x.lokr_w1", "lora_unet_x.lokr_w2"])
 
 
 # --- metadata and hashes --------------------------------------------------------------------------

@@ -158,6 +158,55 @@ def test_hunyuan_video_loras_in_comfyui_names_reach_the_official_layers():
                                expected_merge(model["double_blocks.0.img_attn_qkv.weight"], [(up, down, 4.0, 1.0)]))
 
 
+def test_hunyuan_video_loras_in_official_names_reach_comfyuis_layers():
+    """The reverse direction: a checkpoint in ComfyUI's names, LoRAs in the official (musubi-tuner,
+    diffusion-pipe) names, plus a kohya name built from ComfyUI's own names, which ComfyUI also maps."""
+    model = {
+        "diffusion_model.txt_in.individual_token_refiner.blocks.0.norm1.weight": torch.ones(32),
+        "diffusion_model.double_blocks.0.img_attn.qkv.weight": randn(96, 32, seed=40),
+        "diffusion_model.double_blocks.0.img_mod.lin.weight": randn(192, 32, seed=41),
+        "diffusion_model.double_blocks.0.img_mlp.0.weight": randn(128, 32, seed=42),
+        "diffusion_model.double_blocks.0.img_mlp.2.weight": randn(32, 128, seed=43),
+        "diffusion_model.single_blocks.0.modulation.lin.weight": randn(96, 32, seed=44),
+    }
+    pairs = {name: lora_pair(rows, columns, 2, seed=45 + index) for index, (name, rows, columns) in enumerate(
+        [("qkv", 96, 32), ("mod", 192, 32), ("fc1", 128, 32), ("fc2", 32, 128), ("single_mod", 96, 32)])}
+    lora = {
+        "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": pairs["qkv"][0],
+        "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": pairs["qkv"][1],
+        "lora_unet_double_blocks_0_img_mod_linear.lora_up.weight": pairs["mod"][0],  # musubi-tuner
+        "lora_unet_double_blocks_0_img_mod_linear.lora_down.weight": pairs["mod"][1],
+        "transformer.double_blocks.0.img_mlp.fc1.lora_B.weight": pairs["fc1"][0],  # diffusion-pipe
+        "transformer.double_blocks.0.img_mlp.fc1.lora_A.weight": pairs["fc1"][1],
+        "diffusion_model.double_blocks.0.img_mlp.fc2.lora_up.weight": pairs["fc2"][0],  # older official-name files
+        "diffusion_model.double_blocks.0.img_mlp.fc2.lora_down.weight": pairs["fc2"][1],
+        "lora_unet_single_blocks_0_modulation_lin.lora_up.weight": pairs["single_mod"][0],  # ComfyUI's names
+        "lora_unet_single_blocks_0_modulation_lin.lora_down.weight": pairs["single_mod"][1],
+    }
+    merged, report = merge_loras_into_state_dict(model, [(lora, 0.5)])
+    targets = {"qkv": "double_blocks.0.img_attn.qkv", "mod": "double_blocks.0.img_mod.lin", "fc1": "double_blocks.0.img_mlp.0",
+               "fc2": "double_blocks.0.img_mlp.2", "single_mod": "single_blocks.0.modulation.lin"}
+    assert sorted(report.loras[0].merged) == sorted(f"diffusion_model.{path}.weight" for path in targets.values())
+    assert report.loras[0].unused_keys == []
+    for name, path in targets.items():
+        key = f"diffusion_model.{path}.weight"
+        up, down = pairs[name]
+        torch.testing.assert_close(merged[key], expected_merge(model[key], [(up, down, 2.0, 0.5)]), rtol=1e-6, atol=1e-7)
+
+
+def test_unused_keys_keep_their_names_in_the_file():
+    """Keys of modules missing their other half, or matching no layer, are listed as written in the file."""
+    model = wan_model()
+    up, down = lora_pair(64, 48, 2, seed=50)
+    lora = {"transformer.blocks.0.ffn.2.lora_B.weight": up, "transformer.blocks.0.ffn.2.lora_A.weight": down,
+            "transformer.blocks.0.ffn.0.lora_A.weight": down,  # its lora_B is missing
+            "diffusion_model.blocks.3.ffn.2.lora_up.weight": up, "diffusion_model.blocks.3.ffn.2.alpha": torch.tensor(1.0)}
+    _, report = merge_loras_into_state_dict(model, [(lora, 1.0)])
+    assert report.loras[0].merged == ["blocks.0.ffn.2.weight"]
+    assert report.loras[0].unused_keys == ["diffusion_model.blocks.3.ffn.2.alpha", "diffusion_model.blocks.3.ffn.2.lora_up.weight",
+                                           "transformer.blocks.0.ffn.0.lora_A.weight"]
+
+
 def test_fp8_base_weights_are_refused():
     model = wan_model()
     model["blocks.0.self_attn.q.weight"] = model["blocks.0.self_attn.q.weight"].to(torch.float8_e4m3fn)
