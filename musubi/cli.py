@@ -14,6 +14,7 @@ COMMANDS = {
     "ema-merge": (".ema_merge", "Merge LoRA checkpoints with a post-hoc EMA."),
     "timesteps": (".timestep_preview", "Show the training timestep distribution."),
     "quantize": (".fp8", "Quantize a DiT checkpoint to block-scaled FP8."),
+    "train": (".train_cli", "Train a LoRA from a TOML config on cached latents."),
 }
 
 
