@@ -11,9 +11,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 
 from comfy_server import PACK_NAME, REPO_ROOT
 from fixture_files import write_wan_lora_checkpoints
+from musubi.text_embeddings import TextEmbedding, save_text_embedding
+from tiny_checkpoints import write_tiny_checkpoint
 from workflow_tools import check_ui_workflow, ui_to_api
 
 pytestmark = pytest.mark.comfyui
@@ -29,8 +32,22 @@ def _prepare_ema_merge(comfy):
         write_wan_lora_checkpoints(folder, count=3)
 
 
+def _prepare_calibrate_magcache(comfy):
+    """The Wan 2.1 T2V 1.3B file and two cached prompts, as tiny stand-ins under the real names."""
+    model = comfy.models_dir("diffusion_models") / "wan2.1_t2v_1.3B_fp16.safetensors"
+    if not model.exists():
+        write_tiny_checkpoint("wan21_t2v", model)
+    for seed, name in enumerate(("magcache_positive", "magcache_negative")):
+        path = comfy.models_dir("text_embeddings") / "prompts" / f"{name}.safetensors"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            context = torch.randn(7, 4096, generator=torch.Generator().manual_seed(seed))
+            save_text_embedding(path, TextEmbedding(context=context, architecture="wan", extra={}))
+
+
 FIXTURES = {
     "post_hoc_ema_merge": _prepare_ema_merge,
+    "calibrate_magcache": _prepare_calibrate_magcache,
     "timestep_distribution_preview": lambda comfy: None,
 }
 
@@ -50,6 +67,7 @@ def test_every_ui_workflow_has_an_api_twin_and_a_fixture():
 
 @pytest.mark.parametrize("path", UI_WORKFLOWS, ids=lambda p: p.stem)
 def test_ui_workflow_matches_live_nodes_and_its_api_twin(comfy, path):
+    FIXTURES[path.stem](comfy)  # the files a workflow names must be listed for its widgets to be valid
     info = comfy.object_info()
     workflow = json.loads(path.read_text())
     assert check_ui_workflow(workflow, info) == []
