@@ -4,8 +4,11 @@ from comfy_api.latest import ComfyExtension, io
 
 from .ema_merge import MusubiPostHocEMAMerge
 from .load_dit_fp8 import MusubiLoadDiTFP8Scaled
+from .magcache import MusubiCalibrateMagCache, MusubiMagCache, MusubiMagCacheSampler
 from .text_embeddings import MusubiLoadTextEmbedding, MusubiSaveTextEmbedding
 from .timesteps import MusubiTimestepDistributionPreview, MusubiTimestepSettings
+from .train_lora import MusubiTrainLoRA
+from .train_settings import MusubiCheckpointSettings, MusubiLoRANetworkSettings, MusubiOptimizerSettings
 
 NODES: list[type[io.ComfyNode]] = [
     MusubiLoadDiTFP8Scaled,
@@ -14,6 +17,13 @@ NODES: list[type[io.ComfyNode]] = [
     MusubiPostHocEMAMerge,
     MusubiTimestepSettings,
     MusubiTimestepDistributionPreview,
+    MusubiTrainLoRA,
+    MusubiLoRANetworkSettings,
+    MusubiOptimizerSettings,
+    MusubiCheckpointSettings,
+    MusubiMagCacheSampler,
+    MusubiCalibrateMagCache,
+    MusubiMagCache,
 ]
 
 

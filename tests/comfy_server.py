@@ -83,7 +83,7 @@ class ComfyServer:
             "--listen", "127.0.0.1", "--port", str(self.port),
             "--base-directory", str(self.base_dir),
             "--disable-all-custom-nodes", "--whitelist-custom-nodes", PACK_NAME,
-            "--disable-auto-launch", "--database-url", "sqlite:///:memory:",
+            "--disable-auto-launch", "--database-url", f"sqlite:///{self.base_dir / 'user' / 'comfyui.db'}",
             *self.extra_args,
         ]
         env = dict(os.environ, PYTHONUNBUFFERED="1")

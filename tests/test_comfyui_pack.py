@@ -19,6 +19,14 @@ PACK_NODES = {
     "MusubiPostHocEMAMerge",
     "MusubiTimestepSettings",
     "MusubiTimestepDistributionPreview",
+    "MusubiMagCacheSampler",
+    "MusubiCalibrateMagCache",
+    "MusubiMagCache",
+    "MusubiLoadDiTFP8Scaled",
+    "MusubiTrainLoRA",
+    "MusubiLoRANetworkSettings",
+    "MusubiOptimizerSettings",
+    "MusubiCheckpointSettings",
 }
 
 
