@@ -55,15 +55,20 @@ def resolve_patterns(node: str, folder: str, lines: str) -> list[str]:
     return found
 
 
+def model_folder_root(folder: str) -> str:
+    """The folder new files of this kind go to: models/<folder> itself (for diffusion_models not
+    its legacy alias models/unet, which ComfyUI lists first), else the first one listed."""
+    roots = [os.path.abspath(path) for path in folder_paths.get_folder_paths(folder)]
+    return next((path for path in roots if os.path.basename(path) == folder), roots[0])
+
+
 def new_output_path(node: str, folder: str, name: str, extension: str = ".safetensors") -> str:
     """A path for ``name`` inside the model folder ``folder`` that never overwrites a file.
 
     ``name`` may contain sub-folders but must stay inside the model folder; when the file
     exists, ``_00001``, ``_00002``… is appended.
     """
-    roots = [os.path.abspath(path) for path in folder_paths.get_folder_paths(folder)]
-    # models/diffusion_models, not its legacy alias models/unet that ComfyUI lists first.
-    root = next((path for path in roots if os.path.basename(path) == folder), roots[0])
+    root = model_folder_root(folder)
     name = name.strip().replace("\\", "/")
     if name.endswith(extension):
         name = name[: -len(extension)]

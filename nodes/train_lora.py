@@ -21,6 +21,7 @@ from ..musubi.lora_network import LoRANetwork
 from ..musubi.timesteps import TimestepSettings
 from ..musubi.trainer import TrainCallbacks, Trainer, TrainSettings
 from .timesteps import TimestepSettingsType
+from .paths import model_folder_root
 from .train_adapter import ComfyModelAdapter
 from .train_settings import CheckpointSettings, NetworkSettings, OptimizerSettings
 
@@ -140,9 +141,7 @@ def lora_output_dir(output_name: str) -> str:
     name = output_name.strip().replace("\\", "/").strip("/")
     if not name or ".." in name.split("/") or os.path.isabs(name):
         raise MusubiError(f"{NODE}: output_name {output_name!r} must be a plain name such as my_lora (sub-folders allowed, no '..').")
-    roots = folder_paths.get_folder_paths("loras")
-    root = next((path for path in roots if os.path.basename(path) == "loras"), roots[0])
-    return os.path.join(root, *name.split("/"))
+    return os.path.join(model_folder_root("loras"), *name.split("/"))
 
 
 def training_items(latents: dict, conditioning: list) -> tuple[list[torch.Tensor], list[list]]:
