@@ -75,6 +75,8 @@ def run_cli(args: argparse.Namespace) -> int:
     progress = ConsoleProgress()
     with _stop_on_ctrl_c(progress):
         result = train_from_config(config, progress)
+    if not result.is_main_process:
+        return 130 if result.interrupted else 0
     if result.interrupted:
         print(f"Stopped at step {result.global_step}/{result.total_steps}; the state is in {result.last_state_dir}.")
         print("Continue with: --resume latest (or --resume <that folder>).")

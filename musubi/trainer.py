@@ -256,6 +256,7 @@ class TrainResult:
     state_dirs: list[str] = field(default_factory=list)  # state folders saved by this call
     final_lora_path: str | None = None
     interrupted: bool = False
+    is_main_process: bool = True  # False on the other processes of a multi-GPU run (they write nothing)
 
     @property
     def last_state_dir(self) -> str | None:
@@ -338,6 +339,7 @@ class Trainer:
 
         state_dir = self._resolve_resume(resume_from)
         self.resumed_from = None if state_dir is None else os.path.abspath(state_dir)
+        self.state_saved_at = None
         saved = _read_trainer_state(state_dir) if state_dir else None
         seed = self._choose_seed(saved)
         self.seed = seed
@@ -383,7 +385,8 @@ class Trainer:
 
         self.started_at = time.time()
         self.session_id = random.Random().randrange(2**31)
-        result = TrainResult(global_step=progress.global_step, start_step=progress.global_step, total_steps=total_steps)
+        result = TrainResult(global_step=progress.global_step, start_step=progress.global_step, total_steps=total_steps,
+                             is_main_process=accelerator.is_main_process)
         if accelerator.is_main_process:
             _init_trackers(accelerator, settings, self._hyperparameters())
             _call(self.callbacks, "on_start", progress.global_step, total_steps)
@@ -558,6 +561,8 @@ class Trainer:
         """A LoRA file ``<name>-stepNNNNNN.safetensors`` and (with_state) its state folder."""
         settings, step = self.settings, progress.global_step
         rng_states = self._gather_rng_states() if with_state else None
+        if with_state:
+            self.state_saved_at = step  # known to every process, unlike the paths in result
         if self.accelerator.is_main_process:
             try:
                 if with_state:
@@ -578,7 +583,7 @@ class Trainer:
     def _save_final(self, progress: _Progress, recent_losses, result: TrainResult) -> None:
         settings, step = self.settings, progress.global_step
         path = state_dir_path(settings.output_dir, settings.output_name, step)
-        need_state = settings.save_state and path not in result.state_dirs and os.path.abspath(path) != self.resumed_from
+        need_state = settings.save_state and self.state_saved_at != step and os.path.abspath(path) != self.resumed_from
         rng_states = self._gather_rng_states() if need_state else None
         if self.accelerator.is_main_process:
             final = os.path.join(settings.output_dir, settings.output_name + ".safetensors")

@@ -4,7 +4,7 @@ cache and the model adapter it builds on.
 
 Reference values are computed here from the formulas (x_t = (1−t)·x0 + t·ε, target ε − x0,
 per-sample MSE × weight, lr schedules), from what the model module itself receives, or by
-comparing two runs that must agree; never from the trainer's own helpers.
+comparing two runs that must agree; never from the trainer's own code.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ torch.set_num_threads(1)
 PATTERN = torch.tensor([3.0, -3.0, 2.0, -2.0]).reshape(4, 1, 1)
 
 
-# --- helpers -----------------------------------------------------------------------------------
+# --- building blocks -----------------------------------------------------------------------------------
 
 
 def write_items(folder, shapes, seed=0, context_lengths=None):
