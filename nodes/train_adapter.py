@@ -9,6 +9,8 @@ the velocity is recovered from it. The noise level handed to the model is the ex
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.utils.checkpoint
 
@@ -127,6 +129,12 @@ class ComfyModelAdapter:
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         run = None
+        if enabled and self.architecture in IN_PLACE_BLOCKS:
+            # ComfyUI's Flux/HunyuanVideo forwards build their block wrappers over a reused loop
+            # variable, so a recomputed block would call the wrong block: train without it.
+            logging.warning("Train LoRA: gradient checkpointing is not available for %s models yet; "
+                            "training without it.", self.architecture)
+            enabled = False
         if enabled:
             run = _run_block_checkpointed
         elif self.architecture in IN_PLACE_BLOCKS:
