@@ -263,6 +263,7 @@ class LoRANetwork(nn.Module):
         self.lora_modules = nn.ModuleList()
         self._paths: list[str] = []
         self._targets: list[nn.Module] = []
+        self._twin_targets: list[list[nn.Module]] = []  # the same layers in other models sharing these weights
         self._handles: list[Any] = []
         self._flat_names: dict[str, str] = {}
         self._select_and_create(model)
@@ -362,8 +363,29 @@ class LoRANetwork(nn.Module):
         """Register the forward hooks (done at creation; again after :meth:`remove`)."""
         if self._handles:
             return
-        for module, target in zip(self.lora_modules, self._targets):
-            self._handles.append(target.register_forward_hook(module.hook, with_kwargs=True))
+        for targets in [self._targets, *self._twin_targets]:
+            for module, target in zip(self.lora_modules, targets):
+                self._handles.append(target.register_forward_hook(module.hook, with_kwargs=True))
+
+    def attach_twin(self, model: nn.Module) -> None:
+        """Apply the same LoRA modules (shared weights) to ``model`` too: a model of the same
+        layout, such as the other expert of Wan 2.2 A14B, so one LoRA trains on both."""
+        targets = []
+        for path, module in zip(self._paths, self.lora_modules):
+            try:
+                layer = model.get_submodule(path)
+            except AttributeError:
+                layer = None
+            if layer is None or layer_kind(layer) is None or LayerShape.of(layer) != module.layer_shape:
+                raise MusubiError(
+                    f"the second model has no layer '{path}' shaped like the first model's; both models "
+                    "must have the same architecture and size to share one LoRA."
+                )
+            targets.append(layer)
+        self._twin_targets.append(targets)
+        if self._handles:
+            for module, target in zip(self.lora_modules, targets):
+                self._handles.append(target.register_forward_hook(module.hook, with_kwargs=True))
 
     def remove(self) -> None:
         """Detach every hook: the model computes exactly as before the network existed."""

@@ -40,6 +40,7 @@ from safetensors.torch import load_file, save_file
 
 from . import lora_files
 from .errors import MusubiError
+from .expert_pair import same_expert_noise_levels
 from .key_value_args import parse_key_value_args
 from .lr_schedulers import SCHEDULER_NAMES, build_lr_scheduler, parse_step_count
 from .model_adapter import check_adapter
@@ -312,6 +313,9 @@ class Trainer:
             )
         if not list(network.parameters()):
             raise MusubiError("the LoRA network has no trainable parameters.")
+        twin_roots = getattr(adapter, "twin_lora_roots", None)
+        for root in twin_roots() if callable(twin_roots) else []:
+            network.attach_twin(root)  # e.g. Wan 2.2 A14B: one LoRA shared by both experts
 
     # --- public ---------------------------------------------------------------------------------
 
@@ -452,9 +456,13 @@ class Trainer:
         batch = {key: value.to(accelerator.device) for key, value in batch.items()}
         latents = batch.pop("latents").float()
         count = latents.shape[0]
-        noise_levels = sample_noise_levels(
-            settings.timesteps, count, latent_hw=tuple(latents.shape[-2:]), generator=noise_generator, u=u
-        )
+        latent_hw = tuple(latents.shape[-2:])
+        noise_levels = sample_noise_levels(settings.timesteps, count, latent_hw=latent_hw, generator=noise_generator, u=u)
+        boundary = getattr(self.adapter, "expert_boundary", None)
+        if boundary is not None and count > 1:  # one expert per batch (Wan 2.2 A14B)
+            noise_levels = same_expert_noise_levels(
+                noise_levels, boundary, lambda: sample_noise_levels(settings.timesteps, 1, latent_hw=latent_hw, generator=noise_generator)
+            )
         noise = torch.randn(latents.shape, generator=noise_generator, dtype=torch.float32).to(accelerator.device)
         t = noise_levels.to(accelerator.device)
         noisy = noisy_latents(latents, noise, t)

@@ -9,7 +9,8 @@ the velocity is recovered from it. The noise level handed to the model is the ex
 
 from __future__ import annotations
 
-import logging
+import collections
+import types
 
 import torch
 import torch.utils.checkpoint
@@ -48,15 +49,15 @@ def make_weights_usable_by_autograd(module: torch.nn.Module) -> None:
                 child._buffers[name] = tensor.clone()
 
 
-def check_latent_layout(model, latents: list[torch.Tensor]) -> None:
-    """Latents must be this model's own: its channel count and image (4-D) or video (5-D) layout."""
+def check_latent_layout(model, shapes: list[tuple[int, ...]]) -> None:
+    """Latents must be this model's own: its channel count and image (3-D) or video (4-D) layout."""
     latent_format = model.model.latent_format
     channels, dims = latent_format.latent_channels, latent_format.latent_dimensions + 1
-    for index, latent in enumerate(latents):
-        if latent.shape[0] != channels or latent.dim() != dims:
+    for index, shape in enumerate(shapes):
+        if shape[0] != channels or len(shape) != dims:
             kind = "video [C, T, H, W]" if dims == 4 else "image [C, H, W]"
             raise MusubiError(
-                f"Train LoRA: sample {index} has a latent of shape {list(latent.shape)}, but this "
+                f"Train LoRA: sample {index} has a latent of shape {list(shape)}, but this "
                 f"{architecture_of(model)} model trains on {channels}-channel {kind} latents. Encode the "
                 "training images or videos with the model's own VAE (VAE Encode)."
             )
@@ -92,53 +93,98 @@ def _run_block_keeping_saved_copies(args, extra):
         return extra["original_block"](args)
 
 
+def frozen_closure(function):
+    """A copy of ``function`` whose closure variables keep the values they have now.
+
+    ComfyUI's Flux/HunyuanVideo forwards define each block's wrapper over the loop variable that
+    holds the block, so by the backward pass every wrapper would call the last block; a
+    checkpoint's recompute must call the block of its own forward.
+    """
+    closure = function.__closure__
+    if not closure:
+        return function
+    cells = []
+    for cell in closure:
+        try:
+            cells.append(types.CellType(cell.cell_contents))
+        except ValueError:  # a variable not yet assigned stays unassigned
+            cells.append(types.CellType())
+    copy = types.FunctionType(function.__code__, function.__globals__, function.__name__, function.__defaults__, tuple(cells))
+    copy.__kwdefaults__ = function.__kwdefaults__
+    return copy
+
+
 def _run_block_checkpointed(args, extra):
-    return torch.utils.checkpoint.checkpoint(extra["original_block"], args, use_reentrant=False)
+    return torch.utils.checkpoint.checkpoint(frozen_closure(extra["original_block"]), args, use_reentrant=False)
+
+
+def _run_in_place_block_checkpointed(args, extra):
+    block = frozen_closure(extra["original_block"])
+
+    def run(block_args):
+        with torch.autograd.graph.saved_tensors_hooks(_copy_saved, _keep):
+            return block(block_args)
+
+    return torch.utils.checkpoint.checkpoint(run, args, use_reentrant=False)
+
+
+class ItemConditions:
+    """Each training item's CONDITIONING turned into model inputs by ComfyUI's own ``extra_conds``
+    — on demand, so a large dataset's conditionings never sit on the device all at once; the
+    most recently used ones are kept."""
+
+    def __init__(self, model, data, keep: int = 32):
+        self.model, self.data, self.keep = model, data, keep
+        self.cache: collections.OrderedDict[int, dict] = collections.OrderedDict()
+
+    def __getitem__(self, index: int) -> dict:
+        if index in self.cache:
+            self.cache.move_to_end(index)
+            return self.cache[index]
+        device = self.model.load_device
+        noise = self.data.latent(index).unsqueeze(0).float()
+        conds = comfy.sampler_helpers.convert_cond(self.data.conditioning(index))
+        conds = comfy.samplers.encode_model_conds(self.model.model.extra_conds, conds, noise, device, "positive",
+                                                  latent_image=noise)
+        model_conds = conds[0]["model_conds"]
+        encoded = {key: value.process_cond(batch_size=1, device=device, area=None) for key, value in model_conds.items()}
+        self.cache[index] = encoded
+        while len(self.cache) > self.keep:
+            self.cache.popitem(last=False)
+        return encoded
 
 
 class ComfyModelAdapter:
     """Predicts velocities with a loaded ComfyUI model; each batch names its items by ``index``."""
 
-    def __init__(self, model, item_conds: list[dict]):
+    def __init__(self, model, data):
         self.model = model
         self.base_model = model.model
         self.architecture = architecture_of(model)
-        self.item_conds = item_conds
+        self.conditions = ItemConditions(model, data)
         self.set_gradient_checkpointing(False)
 
     @classmethod
-    def prepare(cls, model, conditionings: list, latents: list[torch.Tensor]) -> "ComfyModelAdapter":
-        """Load the model and turn each sample's CONDITIONING into model inputs once."""
-        check_latent_layout(model, latents)
+    def prepare(cls, model, data) -> "ComfyModelAdapter":
+        """Check the data fits the model, load the model and make its weights usable by autograd."""
+        check_latent_layout(model, [data.latent_shape(index) for index in range(len(data))])
         comfy.model_management.load_models_gpu([model])
         make_weights_usable_by_autograd(model.model.diffusion_model)
-        device = model.load_device
-        item_conds = []
-        for conditioning, latent in zip(conditionings, latents):
-            noise = latent.unsqueeze(0)
-            conds = comfy.sampler_helpers.convert_cond(conditioning)
-            conds = comfy.samplers.encode_model_conds(model.model.extra_conds, conds, noise, device, "positive",
-                                                      latent_image=noise)
-            model_conds = conds[0]["model_conds"]
-            item_conds.append({key: value.process_cond(batch_size=1, device=device, area=None)
-                               for key, value in model_conds.items()})
-        return cls(model, item_conds)
+        return cls(model, data)
 
     def lora_root(self) -> torch.nn.Module:
         return self.base_model.diffusion_model
 
+    def activate(self) -> None:
+        """Make sure this model is on its device (of two experts, ComfyUI may have offloaded it)."""
+        comfy.model_management.load_models_gpu([self.model])
+
     def set_gradient_checkpointing(self, enabled: bool) -> None:
-        run = None
-        if enabled and self.architecture in IN_PLACE_BLOCKS:
-            # ComfyUI's Flux/HunyuanVideo forwards build their block wrappers over a reused loop
-            # variable, so a recomputed block would call the wrong block: train without it.
-            logging.warning("Train LoRA: gradient checkpointing is not available for %s models yet; "
-                            "training without it.", self.architecture)
-            enabled = False
+        in_place = self.architecture in IN_PLACE_BLOCKS
         if enabled:
-            run = _run_block_checkpointed
-        elif self.architecture in IN_PLACE_BLOCKS:
-            run = _run_block_keeping_saved_copies
+            run = _run_in_place_block_checkpointed if in_place else _run_block_checkpointed
+        else:
+            run = _run_block_keeping_saved_copies if in_place else None
         replace = {key: run for key in block_keys(self.base_model.diffusion_model)} if run else {}
         self.transformer_options = {"patches_replace": {"dit": replace}} if replace else {}
 
@@ -146,7 +192,7 @@ class ComfyModelAdapter:
         return flow_matching_velocity(latents, noise)
 
     def predict_velocity(self, noisy_latents: torch.Tensor, noise_level: torch.Tensor, batch) -> torch.Tensor:
-        conds = comfy.samplers.cond_cat([self.item_conds[index] for index in batch["index"].tolist()])
+        conds = comfy.samplers.cond_cat([self.conditions[index] for index in batch["index"].tolist()])
         sigma = noise_level.to(noisy_latents.device, torch.float32)
         denoised = self.base_model.apply_model(noisy_latents, sigma, transformer_options=dict(self.transformer_options), **conds)
         shape = (-1,) + (1,) * (noisy_latents.dim() - 1)

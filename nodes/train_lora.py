@@ -14,7 +14,7 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..musubi.errors import MusubiError
-from ..musubi.memory_dataset import InMemoryLatentDataset
+from ..musubi.expert_pair import ExpertPairAdapter
 from ..musubi.lora_files import from_canonical
 from ..musubi.loss_plot import render_loss_curve
 from ..musubi.lora_network import LoRANetwork
@@ -23,6 +23,7 @@ from ..musubi.trainer import TrainCallbacks, Trainer, TrainSettings
 from .timesteps import TimestepSettingsType
 from .paths import model_folder_root
 from .train_adapter import ComfyModelAdapter
+from .training_data import DatasetType, TrainingItems, training_data_from_inputs
 from .train_settings import CheckpointSettings, NetworkSettings, OptimizerSettings
 
 NODE = "Train LoRA"
@@ -41,9 +42,10 @@ class MusubiTrainLoRA(io.ComfyNode):
             hidden=[io.Hidden.unique_id],
             inputs=[
                 io.Model.Input("model", tooltip="The model to train on (core Load Diffusion Model or Load DiT (fp8 scaled)); it stays frozen."),
-                io.Latent.Input("latents", tooltip="Training samples: a batch of VAE-encoded images or videos (one per sample)."),
-                io.Conditioning.Input("conditioning",
-                                      tooltip="Captions: one conditioning for all samples, or one per sample (a batch of the same size, or that many combined conditionings)."),
+                io.Latent.Input("latents", optional=True,
+                                tooltip="Training samples: a batch of VAE-encoded images or videos (one per sample). Not needed with a dataset."),
+                io.Conditioning.Input("conditioning", optional=True,
+                                      tooltip="Captions: one conditioning for all samples, or one per sample (a batch of the same size, or that many combined conditionings). Not needed with a dataset."),
                 io.Int.Input("steps", default=500, min=1, max=1_000_000, tooltip="Optimizer steps to train."),
                 io.Int.Input("batch_size", default=1, min=1, max=256, tooltip="Samples per batch (samples of one batch share a latent size)."),
                 io.Int.Input("gradient_accumulation_steps", default=1, min=1, max=1024, tooltip="Batches per optimizer step."),
@@ -57,19 +59,28 @@ class MusubiTrainLoRA(io.ComfyNode):
                 OptimizerSettings.Input("optimizer_settings", optional=True, tooltip="From Optimizer + LR Schedule (default: AdamW 1e-4, constant)."),
                 TimestepSettingsType.Input("timestep_settings", optional=True, tooltip="From Timestep Settings (default: musubi's sigma sampling)."),
                 CheckpointSettings.Input("checkpoint_settings", optional=True, tooltip="From Checkpoint + Logging Settings (default: save at the end)."),
+                DatasetType.Input("dataset", optional=True,
+                                  tooltip="A training dataset (images/videos with captions, encoded and cached) instead of latents + conditioning."),
+                io.Model.Input("model_high_noise", optional=True,
+                               tooltip="Wan 2.2 A14B: the high-noise expert (connect the low-noise expert to model). One LoRA is trained on both; each batch trains the expert its noise level belongs to."),
+                io.Float.Input("timestep_boundary", default=0.875, min=0.01, max=0.99, step=0.005, optional=True,
+                               tooltip="Wan 2.2 A14B: noise level where the high-noise expert takes over (t2v 0.875, i2v 0.9). Only used with model_high_noise."),
             ],
             outputs=[
                 io.Model.Output("trained_model", display_name="model", tooltip="The input model with the trained LoRA applied."),
                 io.LoraModel.Output("lora", tooltip="The trained LoRA, for Load LoRA Model / Save LoRA."),
                 io.LossMap.Output("loss", tooltip="Loss per step, for Plot Loss Graph."),
                 io.String.Output("path", tooltip="The saved LoRA file."),
+                io.Model.Output("trained_model_high_noise", display_name="model_high_noise",
+                                tooltip="Wan 2.2 A14B: the high-noise expert with the trained LoRA applied (empty without model_high_noise)."),
             ],
         )
 
     @classmethod
-    def execute(cls, model, latents, conditioning, steps, batch_size, gradient_accumulation_steps, seed, output_name,
+    def execute(cls, model, steps, batch_size, gradient_accumulation_steps, seed, output_name,
                 resume, mixed_precision, gradient_checkpointing, network_settings=None, optimizer_settings=None,
-                timestep_settings=None, checkpoint_settings=None) -> io.NodeOutput:
+                timestep_settings=None, checkpoint_settings=None, latents=None, conditioning=None,
+                dataset=None, model_high_noise=None, timestep_boundary=0.875) -> io.NodeOutput:
         output_dir = lora_output_dir(output_name)
         network_options = {"network_dim": 32, "network_alpha": 16.0, **(network_settings or {})}
         settings = TrainSettings(**{
@@ -92,18 +103,19 @@ class MusubiTrainLoRA(io.ComfyNode):
             settings = dataclasses.replace(settings, logging_dir=os.path.join(folder_paths.get_output_directory(), "musubi_logs"))
 
         with torch.inference_mode(False), torch.enable_grad():
-            samples, per_item_conditioning = training_items(latents, conditioning)
+            data = training_data_from_inputs(latents, conditioning, dataset)
             model = model.clone()
-            adapter = ComfyModelAdapter.prepare(model, per_item_conditioning, samples)
-            samples = [model.model.process_latent_in(sample.unsqueeze(0))[0] for sample in samples]
-            dataset = InMemoryLatentDataset(
-                [{"latents": sample, "index": torch.tensor(index)} for index, sample in enumerate(samples)],
-                architecture=adapter.architecture,
-            )
-            network = LoRANetwork(adapter.lora_root(), adapter.architecture, **network_options)
+            adapter = ComfyModelAdapter.prepare(model, data)
+            if model_high_noise is not None:
+                model_high_noise = model_high_noise.clone()
+                adapter = ExpertPairAdapter(adapter, ComfyModelAdapter.prepare(model_high_noise, data), timestep_boundary)
+            dataset_view = TrainingItems(data, model.model.process_latent_in, adapter.architecture)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)  # the LoRA's initial weights follow the seed too
+                network = LoRANetwork(adapter.lora_root(), adapter.architecture, **network_options)
             try:
                 progress = ProgressReporter(cls.hidden.unique_id, steps)
-                trainer = Trainer(adapter, network, dataset, settings, callbacks=progress)
+                trainer = Trainer(adapter, network, dataset_view, settings, callbacks=progress)
                 result = trainer.train(resume_from="latest" if resume == "latest" else None)
                 lora = from_canonical({k: v.detach().float().cpu() for k, v in network.state_dict().items()}, "comfyui",
                                       adapter.architecture)
@@ -113,11 +125,18 @@ class MusubiTrainLoRA(io.ComfyNode):
             comfy.model_management.interrupt_current_processing(False)
             raise comfy.model_management.InterruptProcessingException()
         trained, _ = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0)
+        trained_high = None
+        if model_high_noise is not None:
+            trained_high, _ = comfy.sd.load_lora_for_models(model_high_noise, None, lora, 1.0, 0)
         losses = {"loss": list(result.losses)}
         summary = (f"trained steps {result.start_step + 1}–{result.global_step} of {result.total_steps}; "
                    f"final loss {result.losses[-1]:.5f}\n{result.final_lora_path}" if result.losses else
                    f"nothing left to train (resumed at step {result.global_step})\n{result.final_lora_path}")
-        return io.NodeOutput(trained, lora, losses, result.final_lora_path or "", ui=loss_ui(cls, result, summary, settings.output_name))
+        if isinstance(adapter, ExpertPairAdapter):
+            calls = adapter.calls
+            summary += (f"\n{calls['high_noise']} batches on the high-noise expert, "
+                        f"{calls['low_noise']} batches on the low-noise expert (boundary {adapter.expert_boundary:g})")
+        return io.NodeOutput(trained, lora, losses, result.final_lora_path or "", trained_high, ui=loss_ui(cls, result, summary, settings.output_name))
 
 
 def loss_ui(cls, result, summary: str, name: str) -> dict:
@@ -142,34 +161,6 @@ def lora_output_dir(output_name: str) -> str:
     if not name or ".." in name.split("/") or os.path.isabs(name):
         raise MusubiError(f"{NODE}: output_name {output_name!r} must be a plain name such as my_lora (sub-folders allowed, no '..').")
     return os.path.join(model_folder_root("loras"), *name.split("/"))
-
-
-def training_items(latents: dict, conditioning: list) -> tuple[list[torch.Tensor], list[list]]:
-    """One (latent, CONDITIONING) pair per sample; inference tensors cloned so autograd can use them."""
-    samples = latents["samples"].clone()
-    count = samples.shape[0]
-    if len(conditioning) == count and count > 1:
-        per_item = [[[entry[0].clone(), dict(entry[1])]] for entry in conditioning]
-    elif len(conditioning) == 1 and conditioning[0][0].shape[0] == count:
-        context, options = conditioning[0]
-        per_item = [[[context[i:i + 1].clone(), _slice_options(options, i, count)]] for i in range(count)]
-    elif len(conditioning) == 1 and conditioning[0][0].shape[0] == 1:
-        per_item = [[[conditioning[0][0].clone(), dict(conditioning[0][1])]] for _ in range(count)]
-    else:
-        raise MusubiError(
-            f"{NODE}: {count} training samples but the conditioning holds {len(conditioning)} entries of batch "
-            f"{conditioning[0][0].shape[0] if conditioning else 0}; give one conditioning for all samples or one per sample."
-        )
-    return [samples[i] for i in range(count)], per_item
-
-
-def _slice_options(options: dict, index: int, count: int) -> dict:
-    sliced = {}
-    for key, value in options.items():
-        if isinstance(value, torch.Tensor) and value.shape[:1] == (count,):
-            value = value[index:index + 1].clone()
-        sliced[key] = value
-    return sliced
 
 
 class ProgressReporter(TrainCallbacks):

@@ -33,7 +33,8 @@ def _latent_file(comfy, arch: str, count: int = 2, seed: int = 0) -> str:
 
 
 def _training_graph(comfy, arch, tiny_model_file, text_embedding_file, *, steps, output_name, learning_rate=1e-2,
-                    resume="no", save_every=0, timestep_sampling="uniform", latent_count=2, min_timestep=0, rank=8):
+                    resume="no", save_every=0, timestep_sampling="uniform", latent_count=2, min_timestep=0, rank=8,
+                    mixed_precision="no", gradient_checkpointing=False, batch_size=1, seed=3):
     g = Graph()
     model = g.add("UNETLoader", unet_name=tiny_model_file(arch), weight_dtype="default")
     positive = g.add("MusubiLoadTextEmbedding", embedding=text_embedding_file(arch), architecture=ARCHS[arch].family)
@@ -50,8 +51,8 @@ def _training_graph(comfy, arch, tiny_model_file, text_embedding_file, *, steps,
     checkpoints = g.add("MusubiCheckpointSettings", save_every_n_steps=save_every, save_last_n_checkpoints=0,
                         save_state=True, lora_format="comfyui", save_precision="float32", log_with="none", logging_dir="")
     train = g.add("MusubiTrainLoRA", model=model[0], latents=latents[0], conditioning=positive[0], steps=steps,
-                  batch_size=1, gradient_accumulation_steps=1, seed=3, output_name=output_name, resume=resume,
-                  mixed_precision="no", gradient_checkpointing=False, network_settings=network[0],
+                  batch_size=batch_size, gradient_accumulation_steps=1, seed=seed, output_name=output_name, resume=resume,
+                  mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing, network_settings=network[0],
                   optimizer_settings=optimizer[0], timestep_settings=timesteps[0], checkpoint_settings=checkpoints[0])
     return g, model, positive, train
 
@@ -131,3 +132,73 @@ def test_cancel_keeps_a_resumable_checkpoint_and_training_resumes(comfy, tiny_mo
     summary = outputs[str(train)]["text"][0]
     assert summary.startswith(f"trained steps {stopped_at + 1}–{end} of {end}"), summary
     assert (folder / "cancelled.safetensors").is_file()
+
+
+def _losses(comfy, g, train) -> list[float]:
+    shown = g.add("PreviewAny", source=train[2])
+    outputs = comfy.run(g.to_dict(), timeout=900)
+    return json.loads(outputs[str(shown)]["text"][0])["loss"]
+
+
+# Flux/HunyuanVideo blocks are recomputed through ComfyUI's block wrappers, which read their block
+# from a loop variable: a wrong recompute would give other gradients, so the second step's loss
+# (after one update) must match the run without checkpointing.
+@pytest.mark.parametrize("arch", ["wan21_t2v", "hunyuan_video", "flux_kontext"])
+def test_gradient_checkpointing_trains_exactly_as_without_and_bf16_trains(comfy, arch, tiny_model_file, text_embedding_file):
+    runs = {}
+    variants = [("plain", "no", False), ("checkpointed", "no", True)]
+    if arch != "flux_kontext":  # a tiny Flux step takes seconds on a CPU; its bf16 path is Wan's
+        variants.append(("bf16", "bf16", True))
+    for name, precision, checkpointing in variants:
+        g, _, _, train = _training_graph(comfy, arch, tiny_model_file, text_embedding_file, steps=2,
+                                         output_name=f"ckpt_{arch}_{name}", mixed_precision=precision,
+                                         gradient_checkpointing=checkpointing)
+        runs[name] = _losses(comfy, g, train)
+    assert len(runs["plain"]) == 2
+    assert runs["checkpointed"] == pytest.approx(runs["plain"], rel=1e-4, abs=1e-6)
+    if "bf16" in runs:
+        assert all(0 < loss < 100 for loss in runs["bf16"])
+        assert runs["bf16"] == pytest.approx(runs["plain"], rel=0.05)
+    assert "not available" not in comfy.log_text()
+
+
+def test_wan22_a14b_trains_one_lora_on_both_experts_in_one_run(comfy, tiny_model_file, text_embedding_file):
+    g, low, positive, train = _training_graph(comfy, "wan22_a14b_low", tiny_model_file, text_embedding_file, steps=6,
+                                              output_name="a14b_pair", batch_size=2, latent_count=4)
+    high = g.add("UNETLoader", unet_name=tiny_model_file("wan22_a14b_high"), weight_dtype="default")
+    g.nodes[str(train)]["inputs"].update(model_high_noise=high[0], timestep_boundary=0.5)
+    outputs = comfy.run(g.to_dict(), timeout=600)
+    summary = outputs[str(train)]["text"][0]
+    batches = {name: int(count) for count, name in re.findall(r"(\d+) batches? on the (high|low)-noise expert", summary)}
+    assert batches.get("high", 0) > 0 and batches.get("low", 0) > 0, summary
+    assert batches["high"] + batches["low"] == 6
+
+    # The one LoRA changes both experts' sampling when loaded with core nodes.
+    g = Graph()
+    latent = g.add("EmptyHunyuanLatentVideo", width=32, height=32, length=1, batch_size=1)
+    for expert in ("low", "high"):
+        base = g.add("UNETLoader", unet_name=tiny_model_file(f"wan22_a14b_{expert}"), weight_dtype="default")
+        patched = g.add("LoraLoaderModelOnly", model=base[0], lora_name="a14b_pair/a14b_pair.safetensors", strength_model=1.0)
+        positive = g.add("MusubiLoadTextEmbedding", embedding=text_embedding_file("wan22_a14b_low"), architecture="wan")
+        for name, source in (("base", base), ("lora", patched)):
+            sampled = g.add("KSampler", model=source[0], positive=positive[0], negative=positive[0], latent_image=latent[0],
+                            seed=0, steps=1, cfg=1.0, sampler_name="euler", scheduler="simple", denoise=1.0)
+            g.add("SaveLatent", samples=sampled[0], filename_prefix=f"a14b/{expert}_{name}")
+    comfy.run(g.to_dict(), timeout=600)
+    for expert in ("low", "high"):
+        [base_file] = (comfy.output_dir / "a14b").glob(f"{expert}_base_*.latent")
+        [lora_file] = (comfy.output_dir / "a14b").glob(f"{expert}_lora_*.latent")
+        difference = safetensors.torch.load_file(base_file)["latent_tensor"] - safetensors.torch.load_file(lora_file)["latent_tensor"]
+        assert difference.abs().max() > 1e-4, f"the LoRA did not change the {expert}-noise expert"
+
+
+def test_missing_training_data_and_a_doubled_expert_get_clear_errors(comfy, tiny_model_file, text_embedding_file):
+    g, model, positive, train = _training_graph(comfy, "wan21_t2v", tiny_model_file, text_embedding_file, steps=1,
+                                                output_name="no_data")
+    del g.nodes[str(train)]["inputs"]["latents"]
+    assert "connect training data" in comfy.run_error(g.to_dict())
+
+    g, model, positive, train = _training_graph(comfy, "wan22_a14b_low", tiny_model_file, text_embedding_file, steps=1,
+                                                output_name="same_expert")
+    g.nodes[str(train)]["inputs"]["model_high_noise"] = model[0]
+    assert "same model" in comfy.run_error(g.to_dict())
