@@ -39,7 +39,20 @@ class CacheItem:
 
 
 class LatentCacheDataset:
-    """The items of one latent cache folder, all made for one architecture."""
+    """The items of one latent cache folder, all made for one architecture.
+
+    A folder in musubi-tuner's cache layout (``*_<arch>.safetensors`` latents with
+    ``*_<arch>_te.safetensors`` text caches, as musubi-tuner and the dataset node write them) is
+    read by :class:`.dataset_cache.MusubiCacheFolder` instead.
+    """
+
+    def __new__(cls, directory: str | None = None, *args, **kwargs):
+        if cls is LatentCacheDataset and directory is not None:
+            from .dataset_cache import MusubiCacheFolder, is_musubi_cache_folder
+
+            if is_musubi_cache_folder(os.fspath(directory)):
+                return super().__new__(MusubiCacheFolder)
+        return super().__new__(cls)
 
     def __init__(self, directory: str):
         directory = os.fspath(directory)
