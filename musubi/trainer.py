@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from . import lora_files
+from .compile import BACKEND_HELP, DYNAMIC_HELP, FULLGRAPH_HELP, MODE_HELP, MODES, compile_for_training, settings_from_options
 from .errors import MusubiError
 from .expert_pair import same_expert_noise_levels
 from .key_value_args import parse_key_value_args
@@ -176,6 +177,10 @@ class TrainSettings:
     metadata_description: str | None = _option(None, "optional str", "modelspec.description", affects_result=False)
     metadata_license: str | None = _option(None, "optional str", "modelspec.license", affects_result=False)
     metadata_tags: str | None = _option(None, "optional str", "modelspec.tags", affects_result=False)
+    dynamo_backend: str = _option("NO", "str", BACKEND_HELP, affects_result=False)
+    dynamo_mode: str | None = _option(None, "optional str", MODE_HELP, choices=MODES, affects_result=False)
+    dynamo_fullgraph: bool = _option(False, "bool", FULLGRAPH_HELP, affects_result=False)
+    dynamo_dynamic: bool = _option(False, "bool", DYNAMIC_HELP, affects_result=False)
     timesteps: TimestepSettings = field(default_factory=TimestepSettings)
 
     def validate(self) -> "TrainSettings":
@@ -188,6 +193,7 @@ class TrainSettings:
         if not isinstance(self.timesteps, TimestepSettings):
             raise MusubiError(f"timesteps must be TimestepSettings, got {type(self.timesteps).__name__}.")
         self.timesteps.validate()
+        settings_from_options(self).validate()
         if not self.output_dir:
             raise MusubiError("output_dir is required: the folder where checkpoints and the final LoRA go.")
         if not self.output_name or os.sep in self.output_name or (os.altsep and os.altsep in self.output_name):
@@ -331,6 +337,8 @@ class Trainer:
         try:
             return self._train(accelerator, resume_from)
         finally:
+            if getattr(self, "compiled", None) is not None:
+                self.compiled.remove()  # the model computes eagerly again
             accelerator.end_training()
 
     # --- the loop -------------------------------------------------------------------------------
@@ -369,6 +377,7 @@ class Trainer:
         network.train()
         if saved is not None:
             self._restore_network(state_dir)
+        self.compiled = compile_for_training(adapter, network, settings)  # LoRA hooks attached: they are traced too
 
         optimizer, self.optimizer_description = build_optimizer(
             settings.optimizer_type, network.param_groups(settings.learning_rate), settings.learning_rate, settings.optimizer_args

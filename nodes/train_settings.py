@@ -14,6 +14,7 @@ from ..musubi.optimizers import BUILTIN_OPTIMIZERS
 NetworkSettings = io.Custom("MUSUBI_NETWORK_SETTINGS")
 OptimizerSettings = io.Custom("MUSUBI_OPTIMIZER_SETTINGS")
 CheckpointSettings = io.Custom("MUSUBI_CHECKPOINT_SETTINGS")
+CompileSettingsType = io.Custom("MUSUBI_COMPILE_SETTINGS")
 CATEGORY = "musubi/training"
 
 
@@ -142,4 +143,37 @@ class MusubiCheckpointSettings(io.ComfyNode):
             "save_precision": save_precision,
             "log_with": None if log_with == "none" else log_with,
             "logging_dir": logging_dir.strip() or None,
+        })
+
+
+class MusubiCompileSettings(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="MusubiCompileSettings",
+            display_name="Compile Settings",
+            category=CATEGORY,
+            description="torch.compile for Train LoRA (musubi-tuner's --dynamo_* options), one transformer block at a time "
+                        "unless fullgraph is on. The LoRA trains exactly as uncompiled; a compiler failure trains "
+                        "uncompiled with one warning in the console.",
+            inputs=[
+                io.Combo.Input("dynamo_backend", options=["NO", "INDUCTOR", "CUDAGRAPHS", "AOT_EAGER", "EAGER"], default="INDUCTOR",
+                               tooltip="INDUCTOR: fused kernels (needs a C++ compiler; Triton on GPU). NO: off. AOT_EAGER/EAGER: no speed-up, for finding problems."),
+                io.Combo.Input("dynamo_mode", options=["default", "reduce-overhead", "max-autotune"], default="default",
+                               tooltip="INDUCTOR only: reduce-overhead uses CUDA graphs, max-autotune searches faster kernels (compiles much longer)."),
+                io.Boolean.Input("dynamo_fullgraph", default=False,
+                                 tooltip="Compile the whole model as one graph (musubi-tuner's way) instead of each block: slower to compile, fails on models with Python between blocks."),
+                io.Boolean.Input("dynamo_dynamic", default=False,
+                                 tooltip="Compile for any latent size at once. Off: each new bucket size compiles again (up to 8, then runs uncompiled). Reported fragile; leave off unless sizes vary a lot."),
+            ],
+            outputs=[CompileSettingsType.Output("compile_settings", tooltip="For Train LoRA.")],
+        )
+
+    @classmethod
+    def execute(cls, dynamo_backend, dynamo_mode, dynamo_fullgraph, dynamo_dynamic) -> io.NodeOutput:
+        return io.NodeOutput({
+            "dynamo_backend": dynamo_backend,
+            "dynamo_mode": None if dynamo_mode == "default" else dynamo_mode,
+            "dynamo_fullgraph": dynamo_fullgraph,
+            "dynamo_dynamic": dynamo_dynamic,
         })
