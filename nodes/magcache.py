@@ -415,13 +415,13 @@ class MusubiCalibrateMagCache(io.ComfyNode):
             pass
         _named_call(CALIBRATE_NODE, run.recorder.save_json, path, architecture=family, steps=run.num_steps,
                     sampler=sampler_name, scheduler=scheduler, extra=extra)
-        listed = os.path.relpath(path, _folder_root(path)).replace(os.sep, "/")
+        listed = os.path.relpath(path, magcache_folder_root(path)).replace(os.sep, "/")
         ratios = run.recorder.as_paste_string()
         summary = f"{run.report()}\nratios: {ratios}\nsaved {path} (listed as '{listed}' in MagCache's ratios)"
         return io.NodeOutput(latent, ratios, listed, ui=ui.PreviewText(summary))
 
 
-def _folder_root(path: str) -> str:
+def magcache_folder_root(path: str) -> str:
     """The models/magcache folder that holds ``path``."""
     for root in folder_paths.get_folder_paths(MAGCACHE_FOLDER):
         root = os.path.abspath(root)
