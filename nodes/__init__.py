@@ -2,28 +2,43 @@
 
 from comfy_api.latest import ComfyExtension, io
 
+from .compile import MusubiCompileModel
+from .dataset import MusubiDataset
 from .ema_merge import MusubiPostHocEMAMerge
+from .framepack_sampler import MusubiFramePackSampler
+from .framepack_train import MusubiFramePackTrainingSettings
+from .image_embeddings import MusubiLoadImageEmbedding, MusubiSaveImageEmbedding
 from .load_dit_fp8 import MusubiLoadDiTFP8Scaled
+from .load_framepack import MusubiLoadFramePack
 from .magcache import MusubiCalibrateMagCache, MusubiMagCache, MusubiMagCacheSampler
 from .text_embeddings import MusubiLoadTextEmbedding, MusubiSaveTextEmbedding
 from .timesteps import MusubiTimestepDistributionPreview, MusubiTimestepSettings
 from .train_lora import MusubiTrainLoRA
 from .train_settings import MusubiCheckpointSettings, MusubiLoRANetworkSettings, MusubiOptimizerSettings
+from .train_settings import MusubiCompileSettings
 
 NODES: list[type[io.ComfyNode]] = [
     MusubiLoadDiTFP8Scaled,
+    MusubiLoadFramePack,
     MusubiLoadTextEmbedding,
     MusubiSaveTextEmbedding,
     MusubiPostHocEMAMerge,
     MusubiTimestepSettings,
     MusubiTimestepDistributionPreview,
     MusubiTrainLoRA,
+    MusubiDataset,
     MusubiLoRANetworkSettings,
     MusubiOptimizerSettings,
     MusubiCheckpointSettings,
+    MusubiCompileSettings,
+    MusubiFramePackTrainingSettings,
     MusubiMagCacheSampler,
     MusubiCalibrateMagCache,
     MusubiMagCache,
+    MusubiCompileModel,
+    MusubiFramePackSampler,
+    MusubiSaveImageEmbedding,
+    MusubiLoadImageEmbedding,
 ]
 
 

@@ -167,6 +167,11 @@ class ComfyModelAdapter:
     @classmethod
     def prepare(cls, model, data) -> "ComfyModelAdapter":
         """Check the data fits the model, load the model and make its weights usable by autograd."""
+        from .framepack_train import framepack_adapter  # FramePack MODELs train through the library's FramePack adapter
+
+        framepack = framepack_adapter(model, data)
+        if framepack is not None:
+            return framepack
         check_latent_layout(model, [data.latent_shape(index) for index in range(len(data))])
         comfy.model_management.load_models_gpu([model])
         make_weights_usable_by_autograd(model.model.diffusion_model)
@@ -192,8 +197,33 @@ class ComfyModelAdapter:
         return flow_matching_velocity(latents, noise)
 
     def predict_velocity(self, noisy_latents: torch.Tensor, noise_level: torch.Tensor, batch) -> torch.Tensor:
-        conds = comfy.samplers.cond_cat([self.conditions[index] for index in batch["index"].tolist()])
+        item_conds = [self.conditions[index] for index in batch["index"].tolist()]
         sigma = noise_level.to(noisy_latents.device, torch.float32)
-        denoised = self.base_model.apply_model(noisy_latents, sigma, transformer_options=dict(self.transformer_options), **conds)
+        groups = concatenable_groups(item_conds)
+        if len(groups) == 1:
+            denoised = self._denoise(noisy_latents, sigma, item_conds)
+        else:  # e.g. captions of different token counts with their attention masks: one call per group
+            denoised = torch.empty(noisy_latents.shape, dtype=torch.float32, device=noisy_latents.device)
+            for rows in groups:
+                denoised[rows] = self._denoise(noisy_latents[rows], sigma[rows], [item_conds[row] for row in rows]).float()
         shape = (-1,) + (1,) * (noisy_latents.dim() - 1)
         return (noisy_latents.float() - denoised) / sigma.clamp(min=1e-4).reshape(shape)
+
+    def _denoise(self, noisy_latents, sigma, item_conds: list[dict]) -> torch.Tensor:
+        conds = comfy.samplers.cond_cat(item_conds)
+        return self.base_model.apply_model(noisy_latents, sigma, transformer_options=dict(self.transformer_options), **conds)
+
+
+def concatenable_groups(item_conds: list[dict]) -> list[list[int]]:
+    """Rows whose model inputs ComfyUI can batch together (its own ``can_concat`` rule), in order
+    of first appearance; a batch of equal captions is one group."""
+    groups: list[list[int]] = []
+    for row, conds in enumerate(item_conds):
+        for group in groups:
+            first = item_conds[group[0]]
+            if first.keys() == conds.keys() and all(first[key].can_concat(conds[key]) for key in conds):
+                group.append(row)
+                break
+        else:
+            groups.append([row])
+    return groups

@@ -23,8 +23,10 @@ from ..musubi.trainer import TrainCallbacks, Trainer, TrainSettings
 from .timesteps import TimestepSettingsType
 from .paths import model_folder_root
 from .train_adapter import ComfyModelAdapter
+from .framepack_train import FramePackTrainingSettings, framepack_training_data
 from .training_data import DatasetType, TrainingItems, training_data_from_inputs
 from .train_settings import CheckpointSettings, NetworkSettings, OptimizerSettings
+from .train_settings import CompileSettingsType
 
 NODE = "Train LoRA"
 PROGRESS_EVENT = "musubi.train.progress"
@@ -65,6 +67,10 @@ class MusubiTrainLoRA(io.ComfyNode):
                                tooltip="Wan 2.2 A14B: the high-noise expert (connect the low-noise expert to model). One LoRA is trained on both; each batch trains the expert its noise level belongs to."),
                 io.Float.Input("timestep_boundary", default=0.875, min=0.01, max=0.99, step=0.005, optional=True,
                                tooltip="Wan 2.2 A14B: noise level where the high-noise expert takes over (t2v 0.875, i2v 0.9). Only used with model_high_noise."),
+                FramePackTrainingSettings.Input("framepack_settings", optional=True,
+                                                tooltip="FramePack models: from FramePack Training Settings (layout vanilla/F1/one-frame, SigLIP image embedding)."),
+                CompileSettingsType.Input("compile_settings", optional=True,
+                                          tooltip="From Compile Settings: torch.compile of the transformer blocks while training (default: off)."),
             ],
             outputs=[
                 io.Model.Output("trained_model", display_name="model", tooltip="The input model with the trained LoRA applied."),
@@ -80,7 +86,8 @@ class MusubiTrainLoRA(io.ComfyNode):
     def execute(cls, model, steps, batch_size, gradient_accumulation_steps, seed, output_name,
                 resume, mixed_precision, gradient_checkpointing, network_settings=None, optimizer_settings=None,
                 timestep_settings=None, checkpoint_settings=None, latents=None, conditioning=None,
-                dataset=None, model_high_noise=None, timestep_boundary=0.875) -> io.NodeOutput:
+                dataset=None, model_high_noise=None, timestep_boundary=0.875, framepack_settings=None,
+                compile_settings=None) -> io.NodeOutput:
         output_dir = lora_output_dir(output_name)
         network_options = {"network_dim": 32, "network_alpha": 16.0, **(network_settings or {})}
         settings = TrainSettings(**{
@@ -88,6 +95,7 @@ class MusubiTrainLoRA(io.ComfyNode):
             "lr_scheduler": "constant",
             **(optimizer_settings or {}),
             **(checkpoint_settings or {}),
+            **(compile_settings or {}),
             "output_dir": output_dir,
             "output_name": output_name.strip().replace("\\", "/").split("/")[-1],
             "max_train_steps": steps,
@@ -105,6 +113,7 @@ class MusubiTrainLoRA(io.ComfyNode):
         with torch.inference_mode(False), torch.enable_grad():
             data = training_data_from_inputs(latents, conditioning, dataset)
             model = model.clone()
+            data = framepack_training_data(model, data, framepack_settings)  # FramePack: one item per section
             adapter = ComfyModelAdapter.prepare(model, data)
             if model_high_noise is not None:
                 model_high_noise = model_high_noise.clone()

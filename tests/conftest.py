@@ -33,6 +33,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if skipped:
         terminalreporter.write_sep("!", f"{len(skipped)} real-ComfyUI tests SKIPPED", red=True, bold=True)
         terminalreporter.write_line(SKIP_REASON, red=True)
+    browser = [r for r in terminalreporter.stats.get("skipped", []) if "headless Chromium not found" in str(r.longrepr)]
+    if browser:
+        terminalreporter.write_sep("!", f"{len(browser)} browser tests SKIPPED", red=True, bold=True)
+        terminalreporter.write_line(str(browser[0].longrepr[-1]), red=True)
 
 
 @pytest.fixture(scope="session")

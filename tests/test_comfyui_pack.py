@@ -27,6 +27,14 @@ PACK_NODES = {
     "MusubiLoRANetworkSettings",
     "MusubiOptimizerSettings",
     "MusubiCheckpointSettings",
+    "MusubiCompileSettings",
+    "MusubiCompileModel",
+    "MusubiDataset",
+    "MusubiLoadFramePack",
+    "MusubiFramePackSampler",
+    "MusubiFramePackTrainingSettings",
+    "MusubiSaveImageEmbedding",
+    "MusubiLoadImageEmbedding",
 }
 
 

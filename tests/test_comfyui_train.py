@@ -216,3 +216,21 @@ def test_missing_training_data_and_a_doubled_expert_get_clear_errors(comfy, tiny
                                                 output_name="same_expert")
     g.nodes[str(train)]["inputs"]["model_high_noise"] = model[0]
     assert "same model" in comfy.run_error(g.to_dict())
+
+
+def test_captions_of_different_lengths_train_in_one_batch(comfy, tiny_model_file, text_embedding_file):
+    # HunyuanVideo's text enters as a plain tensor that ComfyUI cannot concatenate across lengths;
+    # such items of a batch run as separate model calls.
+    from musubi.text_embeddings import TextEmbedding, save_text_embedding
+
+    generator = torch.Generator().manual_seed(5)
+    save_text_embedding(comfy.models_dir("text_embeddings") / "hunyuan_11_tokens.safetensors",
+                        TextEmbedding(context=torch.randn(11, 4096, generator=generator),
+                                      pooled=torch.randn(768, generator=generator), architecture="hunyuan_video", extra={}))
+    g, _, positive, train = _training_graph(comfy, "hunyuan_video", tiny_model_file, text_embedding_file, steps=2,
+                                            output_name="mixed_lengths", batch_size=2)
+    longer = g.add("MusubiLoadTextEmbedding", embedding="hunyuan_11_tokens.safetensors", architecture="hunyuan_video")
+    both = g.add("ConditioningCombine", conditioning_1=positive[0], conditioning_2=longer[0])
+    g.nodes[str(train)]["inputs"]["conditioning"] = both[0]
+    losses = _losses(comfy, g, train)
+    assert len(losses) == 2 and all(0 < loss < 100 for loss in losses)
