@@ -10,6 +10,7 @@ from comfy_api.latest import io, ui
 
 from ..musubi import safetensors_io
 from ..musubi.errors import MusubiError
+from ..musubi.framepack.loading import looks_like_framepack
 from ..musubi.fp8 import (
     ARCHITECTURES,
     DEFAULT_BLOCK_SIZE,
@@ -63,6 +64,9 @@ class MusubiLoadDiTFP8Scaled(io.ComfyNode):
         path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
         lora_list = parse_lora_lines(loras)
         header, metadata = safetensors_io.read_header(path)
+        if looks_like_framepack(header):
+            raise MusubiError(f"{NODE}: {unet_name} is a FramePack transformer; load it with Load FramePack DiT "
+                              "(its fp8_scaled option quantizes the same way).")
         check_not_prequantized(header, path)
         if is_scaled_fp8_state_dict(header.keys()):
             if lora_list:

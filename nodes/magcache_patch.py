@@ -84,6 +84,8 @@ def block_layout(model_patcher, node: str) -> BlockLayout:
         )
     elif isinstance(diffusion_model, comfy.ldm.qwen_image.model.QwenImageTransformer2DModel):
         layout = BlockLayout("qwen_image", _blocks("double_block", diffusion_model.transformer_blocks))
+    elif type(diffusion_model).__name__ == "HunyuanVideoFramepackTransformer3DModel":
+        raise MusubiError(f"{node}: this is a FramePack model; sample it with FramePack Sampler, which has MagCache built in.")
     else:
         raise MusubiError(
             f"{node}: MagCache cannot patch a {type(diffusion_model).__name__} model; it supports Wan 2.1/2.2, "

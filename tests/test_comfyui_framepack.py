@@ -280,3 +280,26 @@ def test_image_embedding_round_trip(comfy, framepack):
     original = load_image_embedding(comfy.models_dir("image_embeddings") / framepack["image"])
     again = load_image_embedding(comfy.models_dir("image_embeddings") / "framepack_round_trip.safetensors")
     assert again.shape == (1, 729, 1152) and torch.equal(again, original)
+
+
+def test_other_loaders_and_magcache_nodes_point_to_the_framepack_nodes(comfy, framepack):
+    def sample_with_magcache_patch(g, model):
+        patched = g.add("MusubiMagCache", model=model[0], threshold=0.24, retention_ratio=0.2, K=6, ratios="auto",
+                        pasted_ratios="", expert="auto")
+        positive = g.add("MusubiLoadTextEmbedding", embedding=framepack["text"], architecture="framepack")
+        latent = g.add("EmptyHunyuanLatentVideo", width=64, height=64, length=1, batch_size=1)
+        sampled = g.add("KSamplerAdvanced", model=patched[0], add_noise="enable", noise_seed=0, steps=1, cfg=1.0,
+                        sampler_name="euler", scheduler="simple", positive=positive[0], negative=positive[0],
+                        latent_image=latent[0], start_at_step=0, end_at_step=1, return_with_leftover_noise="disable")
+        g.add("SaveLatent", samples=sampled[0], filename_prefix="framepack/magcache_patch")
+        return comfy.run_error(g.to_dict())
+
+    g = Graph()
+    loaded = g.add("MusubiLoadDiTFP8Scaled", unet_name=framepack["file"], fp8_format="e4m3fn", mode="block", block_size=64,
+                   compute_dtype="default", architecture="auto")
+    error = sample_with_magcache_patch(g, loaded)
+    assert "Load FramePack DiT" in error, error
+
+    g = Graph()
+    error = sample_with_magcache_patch(g, _load(g, framepack["file"]))
+    assert "FramePack Sampler" in error and "MagCache" in error, error

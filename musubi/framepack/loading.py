@@ -59,6 +59,12 @@ class FramePackSource:
                 f"rope {tuple(config.get('rope_axes_dim', ()))}")
 
 
+def looks_like_framepack(keys) -> bool:
+    """Whether tensor names are those of a FramePack transformer (for other loaders' errors)."""
+    keys = set(keys)
+    return all(marker in keys for marker in FRAMEPACK_MARKERS)
+
+
 def is_framepack_folder(path: str) -> bool:
     """A folder holding a FramePack transformer (its own config.json naming the class, or a
     ``transformer/`` sub-folder with one)."""
