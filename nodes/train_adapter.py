@@ -119,13 +119,27 @@ def _run_block_checkpointed(args, extra):
 
 
 def _run_in_place_block_checkpointed(args, extra):
+    """Checkpointing for blocks that change saved activations in place (Flux, HunyuanVideo).
+
+    The non-reentrant checkpoint cannot replay such blocks; the reentrant one runs the forward
+    without saving anything and replays the block in the backward pass as an ordinary forward,
+    where saved tensors can be copies. Its inputs are cloned because blocks change them in place,
+    and a constant that requires grad makes the LoRA weights of the first block train too.
+    """
     block = frozen_closure(extra["original_block"])
+    names = [name for name, value in args.items() if isinstance(value, torch.Tensor)]
+    others = {name: value for name, value in args.items() if name not in names}
+    output_names: list[str] = []
 
-    def run(block_args):
+    def run(_anchor, *tensors):
         with torch.autograd.graph.saved_tensors_hooks(_copy_saved, _keep):
-            return block(block_args)
+            out = block({**others, **{name: tensor.clone() for name, tensor in zip(names, tensors)}})
+        output_names[:] = list(out)
+        return tuple(out[name] for name in output_names)
 
-    return torch.utils.checkpoint.checkpoint(run, args, use_reentrant=False)
+    anchor = torch.zeros((), requires_grad=True)
+    outputs = torch.utils.checkpoint.checkpoint(run, anchor, *[args[name].clone() for name in names], use_reentrant=True)
+    return dict(zip(output_names, outputs))
 
 
 class ItemConditions:
