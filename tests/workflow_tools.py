@@ -2,7 +2,9 @@
 
 The conversion follows the frontend's rules: widget values are listed in the order of the
 node's widget inputs (required, then optional), a widget with ``control_after_generate``
-carries one extra value, and linked inputs come from the ``links`` table.
+carries one extra value — so does an INT input named ``seed`` or ``noise_seed`` that does not
+say (the frontend adds the control widget to those by legacy convention) — and linked inputs
+come from the ``links`` table.
 """
 
 from __future__ import annotations
@@ -29,6 +31,11 @@ def _is_widget(type_: str, options: dict) -> bool:
     return type_ in WIDGET_TYPES and not options.get("forceInput")
 
 
+def has_control_widget(name: str, type_: str, options: dict) -> bool:
+    """Whether the frontend adds a "control after generate" widget (one more value) after this one."""
+    return bool(options.get("control_after_generate", type_ == "INT" and name in ("seed", "noise_seed")))
+
+
 def _combo_options(type_entry, options: dict) -> list:
     return type_entry if isinstance(type_entry, list) else options.get("options", [])
 
@@ -42,7 +49,7 @@ def widget_values_by_name(node: dict, spec: dict) -> dict:
         if not values:
             break
         named[name] = values.pop(0)
-        if options.get("control_after_generate") and values:
+        if has_control_widget(name, type_, options) and values:
             values.pop(0)
     return named
 
@@ -60,7 +67,7 @@ def check_ui_workflow(workflow: dict, object_info: dict) -> list[str]:
             continue
         inputs = {name: (type_, options) for name, type_, options in _ordered_inputs(spec)}
         widget_count = sum(_is_widget(t, o) for t, o in inputs.values())
-        extra = sum(1 for t, o in inputs.values() if _is_widget(t, o) and o.get("control_after_generate"))
+        extra = sum(1 for n, (t, o) in inputs.items() if _is_widget(t, o) and has_control_widget(n, t, o))
         given = len(node.get("widgets_values") or [])
         if given not in (widget_count, widget_count + extra):
             problems.append(f"node {node['id']} ({node['type']}): {given} widget values for {widget_count} widgets")
