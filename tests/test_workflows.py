@@ -10,6 +10,7 @@ diffusion model             tiny checkpoint with the real key layout (``DIFFUSIO
 LoRA                        rank-4 LoRA on a few layers of that tiny model
 VAE                         ComfyUI's own VAE of that kind, random weights (``VAES``)
 Load Image input            a 64×48 noise picture
+Load Video input            a 5-frame 64×48 noise video
 ==========================  ================================================================
 
 Text encoders and CLIP vision cannot be stand-ins: ComfyUI builds them at their full size
@@ -26,7 +27,8 @@ CLIPTextEncode                        Load Text Embedding (cached) of a random e
 CLIPVisionLoader, CLIPVisionEncode    removed; the ``clip_vision_output`` they fed stays empty
                                       (CLIP ViT-H is 632 M parameters) — except for FramePack
                                       Sampler, which needs it: Load Image Embedding of a random
-                                      SigLIP-shaped embedding (``tiny_framepack``)
+                                      SigLIP-shaped embedding (``tiny_framepack``), which then also
+                                      feeds the FramePack Training Settings it fed
 FluxKontextImageScale                 core ImageScale to 64×64 (it scales to ~1 megapixel)
 width/height/length of latent makers  at most 64×64, 1 frame (EmptyHunyuanLatentVideo, EmptySD3-
 and ImageScale                        LatentImage, WanImageToVideo, Wan22ImageToVideoLatent, ImageScale;
@@ -37,6 +39,8 @@ Training Dataset                      64×64 buckets; its ``clip``/``clip_vision
                                       captions are pre-encoded in the cache folder it is pointed to
 Train LoRA ``mixed_precision``        no (bf16 autocast is very slow on CPUs)
 FramePack Sampler                     1 section of 2 latent frames, 2 steps
+FramePack Training Settings           latent window 1 (the 5-frame stand-in clip is 2 latent frames:
+                                      one section)
 ====================================  ==========================================================
 """
 
@@ -57,7 +61,7 @@ from musubi.dataset_plan import ARCHITECTURE_CODES
 from musubi.text_embeddings import TextEmbedding, save_text_embedding
 from tiny_checkpoints import ARCHS, ensure_tiny_checkpoint
 from tiny_framepack import clip_vision_stand_in, prepare_framepack_workflow, short_framepack_run
-from workflow_fixtures import write_noise_image, write_random_vaes, write_tiny_lora
+from workflow_fixtures import write_noise_image, write_noise_video, write_random_vaes, write_tiny_lora
 from workflow_tools import check_ui_workflow, ui_to_api
 
 pytestmark = pytest.mark.comfyui
@@ -178,10 +182,21 @@ def _prepare_named_files(stand_ins: StandIns, graph: dict) -> None:
                 write_tiny_lora(_model_arch_of(graph, inputs["model"]), path)
         if "vae_name" in inputs:
             vaes.append(inputs["vae_name"])
+        for key in ("clip_name", "clip_name1", "clip_name2", "clip_name3"):
+            if key in inputs:  # listed for the widget check only: headless runs drop these loaders
+                folder = "clip_vision" if node["class_type"] == "CLIPVisionLoader" else "text_encoders"
+                path = comfy.models_dir(folder) / inputs[key]
+                if not path.exists():
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_bytes(b"")
         if node["class_type"] == "LoadImage":
             path = comfy.input_dir / inputs["image"]
             if not path.exists():
                 write_noise_image(path)
+        if node["class_type"] == "LoadVideo":
+            path = comfy.input_dir / inputs["file"]
+            if not path.exists():
+                write_noise_video(path)
         if node["class_type"] == "MusubiDataset":
             _prepare_dataset(comfy, graph, node)
     stand_ins.vaes(vaes)
@@ -241,6 +256,8 @@ FIXTURES = {
     **{name: _prepare_from_workflow(name) for name in ARCHITECTURE_WORKFLOWS},
     "framepack_i2v": lambda stand_ins: prepare_framepack_workflow(
         stand_ins, json.loads((WORKFLOWS / "framepack_i2v.api.json").read_text()), _prepare_named_files),
+    "framepack_training": lambda stand_ins: prepare_framepack_workflow(
+        stand_ins, json.loads((WORKFLOWS / "framepack_training.api.json").read_text()), _prepare_named_files),
 }
 
 
@@ -283,6 +300,10 @@ def _cpu_training(graph, node_id, node, embedding_file):
     return {**node, "inputs": inputs}
 
 
+def _one_latent_frame_window(graph, node_id, node, embedding_file):
+    return {**node, "inputs": {**node["inputs"], "latent_window_size": 1}}
+
+
 def _one_step(graph, node_id, node, embedding_file):
     return {**node, "inputs": {**node["inputs"], "steps": HEADLESS_SAMPLING_STEPS}}
 
@@ -315,6 +336,7 @@ HEADLESS_SUBSTITUTIONS = {
     "KSamplerAdvanced": (_two_steps, "one step per Wan 2.2 A14B expert"),
     "MusubiTrainLoRA": (_cpu_training, "2 steps (core Plot Loss Graph divides by zero at 1), no bf16 autocast (very slow on CPUs)"),
     "MusubiFramePackSampler": (short_framepack_run, "decoding a 5 s video with the full-size VAE takes minutes"),
+    "MusubiFramePackTrainingSettings": (_one_latent_frame_window, "window 9 needs a 37-frame clip; the stand-in has 5 (full-size VAE on a CPU)"),
 }
 
 

@@ -4,7 +4,7 @@
 - LoRAs: rank-4 LoRAs on a few layers of that tiny model, in ComfyUI's key layout.
 - VAEs: ComfyUI's own VAE of that kind (the sizes are fixed by ComfyUI, not read from the
   file) with seeded random weights: cheap enough to load and run on a CPU at tiny sizes.
-- Input images: a small seeded noise picture.
+- Input images: a small seeded noise picture; input videos: a few frames of seeded noise.
 
 Text encoders and CLIP vision cannot be made small (ComfyUI builds them at full size whatever
 the file holds), so ``test_workflows.py`` replaces those nodes in the graph instead.
@@ -113,4 +113,20 @@ def write_noise_image(path: Path, width: int = 64, height: int = 48, seed: int =
     pixels = (torch.rand(height, width, 3, generator=generator) * 255).to(torch.uint8).numpy()
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(pixels).save(path)
+    return path
+
+
+def write_noise_video(path: Path, width: int = 64, height: int = 48, frames: int = 5, fps: int = 30, seed: int = 0) -> Path:
+    """An H.264 .mp4 of seeded noise frames (5 frames: one FramePack section of latent window 1)."""
+    import av
+
+    generator = torch.Generator().manual_seed(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for _ in range(frames):
+            pixels = (torch.rand(height, width, 3, generator=generator) * 255).to(torch.uint8).numpy()
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
+        container.mux(stream.encode())
     return path
