@@ -157,11 +157,11 @@ def _losses(comfy, g, train) -> list[float]:
 # Flux/HunyuanVideo blocks are recomputed through ComfyUI's block wrappers, which read their block
 # from a loop variable: a wrong recompute would give other gradients, so the second step's loss
 # (after one update) must match the run without checkpointing.
-@pytest.mark.parametrize("arch", ["wan21_t2v", "hunyuan_video", "flux_kontext"])
+@pytest.mark.parametrize("arch", ["wan21_t2v", "hunyuan_video", "flux_kontext", "qwen_image"])
 def test_gradient_checkpointing_trains_exactly_as_without_and_bf16_trains(comfy, arch, tiny_model_file, text_embedding_file):
     runs = {}
     variants = [("plain", "no", False), ("checkpointed", "no", True)]
-    if arch != "flux_kontext":  # a tiny Flux step takes seconds on a CPU; its bf16 path is Wan's
+    if arch not in ("flux_kontext", "qwen_image"):  # their tiny steps take seconds on a CPU; bf16 is shared code
         variants.append(("bf16", "bf16", True))
     for name, precision, checkpointing in variants:
         g, _, _, train = _training_graph(comfy, arch, tiny_model_file, text_embedding_file, steps=2,
