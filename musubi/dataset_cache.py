@@ -437,8 +437,14 @@ class MusubiCacheFolder(LatentCacheDataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         item = self.items[index]
         text = load_text_embedding(self.text_paths[index])
-        result = {LATENTS_KEY: read_latent(item.path), CONTEXT_KEY: text.context}
+        if self.architecture == "framepack":  # one section per file, with its history and indices
+            from .framepack.adapter import from_musubi_cache
+
+            result = from_musubi_cache(dict(safetensors_io.iter_tensors(item.path)), item.path)
+        else:
+            result = {LATENTS_KEY: read_latent(item.path)}
+            result.update(read_image_condition(item.path))  # Wan i2v: latents_image, clip
+        result[CONTEXT_KEY] = text.context
         if text.pooled is not None:
             result["pooled"] = text.pooled
-        result.update(read_image_condition(item.path))  # Wan i2v: latents_image, clip
         return result

@@ -8,6 +8,7 @@ import os
 import textwrap
 
 import pytest
+import safetensors.torch
 import torch
 from safetensors.torch import save_file
 
@@ -18,6 +19,7 @@ from musubi.framepack.checkpoint import config_from_shapes, load_transformer
 from musubi.latent_cache import LatentCacheDataset
 from musubi.lora_files import from_canonical, load_lora_state_dict, save_lora
 from musubi.lora_network import LoRANetwork
+from musubi.text_embeddings import TextEmbedding, save_text_embedding
 from musubi.memory_dataset import InMemoryLatentDataset
 from musubi.trainer import Trainer, TrainSettings
 from tiny_checkpoints import FRAMEPACK_TINY_CONFIG, tiny_state_dict, write_tiny_checkpoint
@@ -161,7 +163,7 @@ def test_missing_conditioning_is_a_clear_error(adapter):
         adapter.predict_velocity(batch.pop("latents"), torch.tensor([0.5]), batch)
 
 
-def test_musubi_tuner_framepack_caches_become_training_items(adapter):
+def test_musubi_tuner_framepack_caches_become_training_items(adapter, tmp_path):
     # The keys musubi-tuner's fpack_cache_latents.py writes for one vanilla section (target 9x8x8, bf16).
     generator = torch.Generator().manual_seed(2)
     target = torch.randn(16, 9, 8, 8, generator=generator).bfloat16()
@@ -178,6 +180,19 @@ def test_musubi_tuner_framepack_caches_become_training_items(adapter):
     }
     item = from_musubi_cache(cache)
     assert torch.equal(item["latents"], target) and torch.equal(item["history_2x_latents"], cache["latents_clean_2x_9x8x8_bfloat16"])
+
+    # The same cache in a musubi-tuner cache folder (with its text cache) reads as a training item.
+    folder = tmp_path / "fp_cache"
+    folder.mkdir()
+    safetensors.torch.save_file(cache, folder / "clip_00000-009_0064x0064_fp.safetensors")
+    context, pooled, _ = conditioning()
+    save_text_embedding(folder / "clip_fp_te.safetensors", TextEmbedding(context=context, pooled=pooled, architecture="framepack", extra={}))
+    dataset = LatentCacheDataset(folder)
+    assert dataset.architecture == "framepack" and len(dataset) == 1
+    from_folder = dataset[0]
+    for key, value in item.items():
+        assert torch.equal(from_folder[key], value), key
+    assert torch.equal(from_folder["context"], context) and torch.equal(from_folder["pooled"], pooled)
     assert torch.equal(item["clean_latents"], cache["latents_clean_9x8x8_bfloat16"])
     assert item["history_4x_indices"].tolist() == list(range(22, 38)) and item["image_embeds"].shape == (729, 1152)
     context, pooled, _ = conditioning()
