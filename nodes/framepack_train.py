@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 
+import comfy.model_management
 import torch
 from comfy_api.latest import io
 
@@ -20,11 +21,12 @@ from ..musubi.errors import MusubiError
 from ..musubi.framepack import training_sections as sections
 from ..musubi.framepack.adapter import CONTEXT_KEY, IMAGE_EMBEDS_KEY, POOLED_KEY, FramePackAdapter
 from ..musubi.latent_cache import LatentCacheDataset
+from .framepack_model import framepack_transformer
+from .train_adapter import make_weights_usable_by_autograd
 
 NODE = "Train LoRA"
 FramePackTrainingSettings = io.Custom("MUSUBI_FRAMEPACK_TRAINING_SETTINGS")
 # HunyuanVideo VAE latents are scaled by this before the model sees them (ComfyUI and musubi-tuner alike).
-HUNYUAN_VIDEO_LATENT_SCALE = 0.476986
 LATENT_CHANNELS = 16
 RECENT_SECTIONS = 16  # sections kept cut (and samples' conditionings kept converted) between batches
 
@@ -88,15 +90,6 @@ def parse_indices(text: str) -> tuple[int, ...]:
         raise MusubiError(f"FramePack Training Settings: one_frame_clean_indices {text!r} must be whole numbers separated by commas, e.g. 0 or 0,10.") from None
 
 
-def framepack_transformer_of(model):
-    """The diffusers FramePack transformer of a FramePack MODEL, None for any other model."""
-    try:
-        from .framepack_model import framepack_transformer
-    except ImportError:
-        return None
-    return framepack_transformer(model)
-
-
 class FramePackSections:
     """Train LoRA's samples cut into FramePack sections: one training item per section.
 
@@ -155,7 +148,7 @@ class FramePackSections:
 
 def framepack_training_data(model, data, settings: dict | None):
     """Train LoRA's data cut into FramePack sections when ``model`` is FramePack; otherwise unchanged."""
-    if framepack_transformer_of(model) is None:
+    if framepack_transformer(model) is None:
         if settings is not None:
             raise MusubiError(f"{NODE}: FramePack Training Settings is connected but the model is not a FramePack model; "
                               "disconnect it, or load FramePack with Load FramePack DiT.")
@@ -165,7 +158,7 @@ def framepack_training_data(model, data, settings: dict | None):
 
 def framepack_adapter(model, data):
     """The adapter that trains a FramePack MODEL on :class:`FramePackSections`; None for other models."""
-    transformer = framepack_transformer_of(model)
+    transformer = framepack_transformer(model)
     if transformer is None:
         return None
     if not isinstance(data, FramePackSections):
@@ -188,19 +181,14 @@ class ComfyFramePackAdapter(FramePackAdapter):
     to_device = None  # ComfyUI places the model on its device
 
     def __init__(self, model, transformer, data: FramePackSections):
-        super().__init__(transformer, data.settings["guidance_scale"], getattr(getattr(model, "model", None), "compute_dtype", None))
+        super().__init__(transformer, data.settings["guidance_scale"], model.model.compute_dtype)
         self.model = model
         self.data = data
-        process = getattr(getattr(model, "model", None), "process_latent_in", None)
-        self.process_latent_in = process if callable(process) else (lambda latent: latent * HUNYUAN_VIDEO_LATENT_SCALE)
+        self.process_latent_in = model.model.process_latent_in
         self._conditions: collections.OrderedDict[int, dict[str, torch.Tensor]] = collections.OrderedDict()
 
     @classmethod
     def prepare(cls, model, transformer, data: FramePackSections) -> "ComfyFramePackAdapter":
-        import comfy.model_management
-
-        from .train_adapter import make_weights_usable_by_autograd
-
         adapter = cls(model, transformer, data)
         adapter._sample_conditioning(data.entries[0][0])  # a wrong kind of conditioning fails before the model loads
         comfy.model_management.load_models_gpu([model])
@@ -208,8 +196,6 @@ class ComfyFramePackAdapter(FramePackAdapter):
         return adapter
 
     def activate(self) -> None:
-        import comfy.model_management
-
         comfy.model_management.load_models_gpu([self.model])
 
     def _sample_conditioning(self, sample: int) -> dict[str, torch.Tensor]:

@@ -181,11 +181,6 @@ class ComfyModelAdapter:
     @classmethod
     def prepare(cls, model, data) -> "ComfyModelAdapter":
         """Check the data fits the model, load the model and make its weights usable by autograd."""
-        from .framepack_train import framepack_adapter  # FramePack MODELs train through the library's FramePack adapter
-
-        framepack = framepack_adapter(model, data)
-        if framepack is not None:
-            return framepack
         check_latent_layout(model, [data.latent_shape(index) for index in range(len(data))])
         comfy.model_management.load_models_gpu([model])
         make_weights_usable_by_autograd(model.model.diffusion_model)

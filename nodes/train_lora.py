@@ -23,7 +23,7 @@ from ..musubi.trainer import TrainCallbacks, Trainer, TrainSettings
 from .timesteps import TimestepSettingsType
 from .paths import model_folder_root
 from .train_adapter import ComfyModelAdapter
-from .framepack_train import FramePackTrainingSettings, framepack_training_data
+from .framepack_train import FramePackTrainingSettings, framepack_adapter, framepack_training_data
 from .training_data import DatasetType, TrainingItems, training_data_from_inputs
 from .train_settings import CheckpointSettings, NetworkSettings, OptimizerSettings
 from .train_settings import CompileSettingsType
@@ -115,7 +115,9 @@ class MusubiTrainLoRA(io.ComfyNode):
             data = training_data_from_inputs(latents, conditioning, dataset)
             model = model.clone()
             data = framepack_training_data(model, data, framepack_settings)  # FramePack: one item per section
-            adapter = ComfyModelAdapter.prepare(model, data)
+            adapter = framepack_adapter(model, data)  # None unless the model is FramePack
+            if adapter is None:
+                adapter = ComfyModelAdapter.prepare(model, data)
             if model_high_noise is not None:
                 model_high_noise = model_high_noise.clone()
                 adapter = ExpertPairAdapter(adapter, ComfyModelAdapter.prepare(model_high_noise, data), timestep_boundary)
