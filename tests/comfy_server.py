@@ -18,6 +18,9 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+import safetensors.torch
+import torch
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PACK_NAME = "musubi-lora-trainer"
 
@@ -70,6 +73,11 @@ class ComfyServer:
     @property
     def output_dir(self) -> Path:
         return self.base_dir / "output"
+
+    def saved_latent(self, folder: str, prefix: str) -> torch.Tensor:
+        """The one latent core SaveLatent wrote as ``<folder>/<prefix>_NNNNN_.latent``."""
+        [path] = sorted((self.output_dir / folder).glob(f"{prefix}_[0-9]*_.latent"))
+        return safetensors.torch.load_file(path)["latent_tensor"]
 
     # --- life cycle ----------------------------------------------------------------
     def start(self, timeout: float = 180.0) -> "ComfyServer":
@@ -219,3 +227,13 @@ class NodeRef(str):
 
     def __getitem__(self, index: int) -> list:
         return [str(self), index]
+
+
+def preview_text(outputs: dict, node) -> str:
+    """The text a node showed (PreviewAny, or a node's own text preview) in a run's outputs."""
+    return "".join(outputs[str(node)]["text"])
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """‖a − b‖ / ‖b‖ in float64."""
+    return float((a.double() - b.double()).norm() / b.double().norm())

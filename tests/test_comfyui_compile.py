@@ -50,8 +50,7 @@ def _sample(g: Graph, model, positive, name: str, steps: int = 2):
 
 
 def _latent(comfy, name: str) -> torch.Tensor:
-    [path] = sorted((comfy.output_dir / "compile").glob(f"{name}_[0-9]*_.latent"))
-    return safetensors.torch.load_file(path)["latent_tensor"]
+    return comfy.saved_latent("compile", name)
 
 
 def _compile(g: Graph, model, backend: str = "eager"):

@@ -51,8 +51,7 @@ def _sample(g: Graph, model, positive, latent, prefix: str):
 
 
 def _latent(comfy, prefix: str) -> torch.Tensor:
-    [path] = sorted((comfy.output_dir / "fp8").glob(f"{prefix}_[0-9]*_.latent"))
-    return safetensors.torch.load_file(path)["latent_tensor"].float()
+    return comfy.saved_latent("fp8", prefix).float()
 
 
 def _distance(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -14,7 +14,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from comfy_server import Graph
+from comfy_server import Graph, preview_text, relative_error
 from musubi.fp8 import quantize_file
 from musubi.framepack.sampling import FramePackRun, sample_video
 from musubi.image_embeddings import load_image_embedding, save_image_embedding
@@ -73,16 +73,7 @@ def _load(g: Graph, name: str, fp8: bool = False, weight_dtype: str = "bf16"):
 
 
 def _latent(comfy, prefix: str) -> torch.Tensor:
-    [path] = sorted((comfy.output_dir / "framepack").glob(f"{prefix}_[0-9]*_.latent"))
-    return safetensors.torch.load_file(path)["latent_tensor"]
-
-
-def _text(outputs: dict, node) -> str:
-    return "".join(outputs[str(node)]["text"])
-
-
-def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm())
+    return comfy.saved_latent("framepack", prefix)
 
 
 def test_both_layouts_load_and_magcache_threshold_zero_changes_nothing(comfy, framepack):
@@ -101,10 +92,10 @@ def test_both_layouts_load_and_magcache_threshold_zero_changes_nothing(comfy, fr
     assert torch.equal(off[:, :, 0], torch.zeros_like(off[:, :, 0])), "the video starts with the start frame"
     assert torch.equal(_latent(comfy, "file_off"), off), "folder and single file hold the same weights"
     assert torch.equal(_latent(comfy, "folder_zero"), off), "threshold 0 must reproduce the uncached run exactly"
-    report = _text(outputs, skipping)
+    report = preview_text(outputs, skipping)
     assert report.count("skipped") >= SECTIONS and "0 skipped" not in report, report
     assert not torch.equal(_latent(comfy, "folder_skip"), off)
-    assert "0 skipped" in _text(outputs, zero)
+    assert "0 skipped" in preview_text(outputs, zero)
 
 
 def test_matches_the_library_loop_on_plain_diffusers(comfy, framepack):
@@ -158,7 +149,7 @@ def test_f1_direction_samples_forwards_from_the_start_frame(comfy, framepack):
     video = _latent(comfy, "f1")
     assert video.shape == (1, 16, 1 + SECTIONS * WINDOW, 8, 8)
     assert torch.equal(video[:, :, 0], torch.zeros_like(video[:, :, 0]))
-    assert "framepack_f1" in _text(outputs, f1), "auto picks the F1 curve for the f1 direction"
+    assert "framepack_f1" in preview_text(outputs, f1), "auto picks the F1 curve for the f1 direction"
 
 
 def test_fp8_scaled_and_core_lora(comfy, framepack):
@@ -172,13 +163,13 @@ def test_fp8_scaled_and_core_lora(comfy, framepack):
         _sample(g, patched, framepack, f"lora_{name}")
     outputs = comfy.run(g.to_dict())
     base, quantized = _latent(comfy, "lora_base"), _latent(comfy, "fp8")
-    assert 0 < _relative(quantized, base) < 0.1, "fp8 scaled samples close to bf16, not identically"
-    assert "quantized" in _text(outputs, fp8)
+    assert 0 < relative_error(quantized, base) < 0.1, "fp8 scaled samples close to bf16, not identically"
+    assert "quantized" in preview_text(outputs, fp8)
     assert torch.equal(_latent(comfy, "prequantized"), quantized), "a saved fp8 file loads as quantizing does"
     lora_bf16, lora_fp8 = _latent(comfy, "lora_bf16"), _latent(comfy, "lora_fp8")
-    assert _relative(lora_bf16, base) > 1e-3, "the LoRA changes the output"
-    assert _relative(lora_fp8, quantized) > 1e-3, "the LoRA changes the fp8 model's output too"
-    assert _relative(lora_fp8, lora_bf16) < 0.1
+    assert relative_error(lora_bf16, base) > 1e-3, "the LoRA changes the output"
+    assert relative_error(lora_fp8, quantized) > 1e-3, "the LoRA changes the fp8 model's output too"
+    assert relative_error(lora_fp8, lora_bf16) < 0.1
 
 
 def _latent_file(comfy, name: str, seed: int) -> str:
@@ -220,15 +211,15 @@ def test_calibration_is_saved_and_reused(comfy, framepack):
     data = json.loads(saved.read_text())
     assert data["architecture"] == "framepack" and data["steps"] == STEPS and len(data["ratios"]) == STEPS
     assert len(data["extra"]["section_ratios"]) == SECTIONS
-    assert "framepack_tiny.json" in _text(outputs, calibrate)
+    assert "framepack_tiny.json" in preview_text(outputs, calibrate)
 
     g = Graph()
     model = _load(g, framepack["folder"])
     reused = _sample(g, model, framepack, "calibrated", magcache="on", magcache_ratios="framepack_tiny.json")
     pasted = _sample(g, model, framepack, "pasted", magcache="on", pasted_ratios=",".join(map(str, data["ratios"])))
     outputs = comfy.run(g.to_dict())
-    assert "framepack_tiny.json" in _text(outputs, reused)
-    assert f"pasted ratios ({STEPS} values)" in _text(outputs, pasted)
+    assert "framepack_tiny.json" in preview_text(outputs, reused)
+    assert f"pasted ratios ({STEPS} values)" in preview_text(outputs, pasted)
 
 
 def test_real_cfg_needs_and_uses_the_negative_prompt(comfy, framepack):
@@ -242,7 +233,7 @@ def test_real_cfg_needs_and_uses_the_negative_prompt(comfy, framepack):
     g.nodes[guided]["inputs"]["negative"] = g.add("MusubiLoadTextEmbedding", embedding=framepack["text"], architecture="framepack")[0]
     _sample(g, model, framepack, "cfg_one")
     outputs = comfy.run(g.to_dict())
-    assert f"model calls: {2 * SECTIONS * STEPS} computed" in _text(outputs, guided)
+    assert f"model calls: {2 * SECTIONS * STEPS} computed" in preview_text(outputs, guided)
     # the same prompt as both: x0_u + cfg·(x0_c − x0_u) is x0_c, so cfg changes nothing
     assert torch.allclose(_latent(comfy, "cfg_two"), _latent(comfy, "cfg_one"), rtol=1e-4, atol=1e-4)
 
@@ -276,7 +267,7 @@ def test_image_embedding_round_trip(comfy, framepack):
     loaded = g.add("MusubiLoadImageEmbedding", embedding=framepack["image"])
     saved = g.add("MusubiSaveImageEmbedding", clip_vision_output=loaded[0], filename="framepack_round_trip")
     outputs = comfy.run(g.to_dict())
-    assert "framepack_round_trip.safetensors" in _text(outputs, saved)
+    assert "framepack_round_trip.safetensors" in preview_text(outputs, saved)
     original = load_image_embedding(comfy.models_dir("image_embeddings") / framepack["image"])
     again = load_image_embedding(comfy.models_dir("image_embeddings") / "framepack_round_trip.safetensors")
     assert again.shape == (1, 729, 1152) and torch.equal(again, original)

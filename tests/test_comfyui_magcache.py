@@ -19,7 +19,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from comfy_server import REPO_ROOT, Graph
+from comfy_server import REPO_ROOT, Graph, preview_text, relative_error
 from fixture_files import write_wan_lora_checkpoints
 from tiny_checkpoints import ARCHS, FLUX_SIZES, tiny_state_dict
 
@@ -68,16 +68,7 @@ def _save(g: Graph, node, name: str) -> None:
 
 
 def _latent(comfy, name: str) -> torch.Tensor:
-    [path] = sorted((comfy.output_dir / "magcache").glob(f"{name}_[0-9]*_.latent"))
-    return safetensors.torch.load_file(path)["latent_tensor"]
-
-
-def _text(outputs: dict, node) -> str:
-    return "".join(outputs[str(node)]["text"])
-
-
-def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm())
+    return comfy.saved_latent("magcache", name)
 
 
 def _skipped(report: str) -> list[int]:
@@ -197,7 +188,7 @@ def test_calibration_is_saved_and_threshold_zero_reproduces_core_ksampler(comfy,
     reference = _latent(comfy, f"{arch}_cfg{cfg:g}_core")
     assert torch.equal(_latent(comfy, f"{arch}_cfg{cfg:g}_calibrate"), reference)
     assert torch.equal(_latent(comfy, f"{arch}_cfg{cfg:g}_threshold0"), reference)
-    report = _text(outputs, sampled)
+    report = preview_text(outputs, sampled)
     assert _skipped(report) == [] and _calls(report) == (4, 0), report
 
     path = comfy.models_dir("magcache") / "test" / f"{arch}_cfg{cfg:g}.json"
@@ -207,7 +198,7 @@ def test_calibration_is_saved_and_threshold_zero_reproduces_core_ksampler(comfy,
     assert len(saved["ratios"]) == len(saved["norm_std"]) == len(saved["cos_dis"]) == 4
     assert saved["ratios"][0] == 1.0 and all(0 < ratio < 10 for ratio in saved["ratios"])
     assert all(value >= 0 for value in saved["norm_std"] + saved["cos_dis"])
-    assert _text(outputs, calibrate).count(",".join(f"{ratio:.5f}" for ratio in saved["ratios"])) == 1
+    assert preview_text(outputs, calibrate).count(",".join(f"{ratio:.5f}" for ratio in saved["ratios"])) == 1
 
 
 def test_saved_calibration_is_listed_and_reused_at_another_step_count(comfy, tiny_model_file, text_embedding_file):
@@ -228,7 +219,7 @@ def test_saved_calibration_is_listed_and_reused_at_another_step_count(comfy, tin
     _save(g, skipping, "reuse_skipping")
     outputs = comfy.run(g.to_dict())
     assert torch.equal(_latent(comfy, "reuse_threshold0"), _latent(comfy, "reuse_core"))
-    report = _text(outputs, skipping)
+    report = preview_text(outputs, skipping)
     assert "reuse/wan_6steps.json, 9 steps" in report
     # θ = 5 covers any drift of 9 tiny-model steps: every step but the retained first and the last is skipped.
     assert _skipped(report) == list(range(1, 8)) and _calls(report) == (2, 7), report
@@ -261,8 +252,8 @@ def test_auto_recognises_every_native_model(comfy, tiny_model_file, text_embeddi
     outputs = comfy.run(g.to_dict())
 
     for arch, key in AUTO_KEYS.items():
-        assert f"MagCache ratios {key} (auto), 1 steps" in _text(outputs, samplers[arch]), arch
-    assert "MagCache ratios flux_kontext (auto)" in _text(outputs, kontext)
+        assert f"MagCache ratios {key} (auto), 1 steps" in preview_text(outputs, samplers[arch]), arch
+    assert "MagCache ratios flux_kontext (auto)" in preview_text(outputs, kontext)
 
 # --- the skip rule, counted ------------------------------------------------------------------
 
@@ -287,9 +278,9 @@ def test_skipped_steps_follow_the_rule_for_a_hand_checked_list(comfy, tiny_model
 
     expected = [2, 3, 6, 7]
     assert _expected_skips([float(r) for r in ratios.split(",")], 0.25, 2, 0.2) == expected
-    report = _text(outputs, one_call)
+    report = preview_text(outputs, one_call)
     assert _skipped(report) == expected and _calls(report) == (6, 4) and _blocks(report) == (12, 20), report
-    report = _text(outputs, two_calls)
+    report = preview_text(outputs, two_calls)
     assert _skipped(report) == expected and _calls(report) == (12, 8) and _blocks(report) == (24, 40), report
     assert "no residual cached" not in report
 
@@ -323,15 +314,15 @@ def test_constant_residual_model_measures_ratio_one_and_skipping_reproduces_it(c
     assert saved["ratios"] == [1.0] * steps
     assert saved["norm_std"] == [0.0] * steps and saved["cos_dis"] == [0.0] * steps
 
-    distance = _relative(_latent(comfy, f"constant_{arch}_skipped"), _latent(comfy, f"constant_{arch}_full"))
+    distance = relative_error(_latent(comfy, f"constant_{arch}_skipped"), _latent(comfy, f"constant_{arch}_full"))
     assert distance < 1e-4, distance
-    report = _text(outputs, skipping)
+    report = preview_text(outputs, skipping)
     assert _skipped(report) == list(range(1, steps - 1)) and _calls(report) == (2, steps - 2), report
     assert _blocks(report) == (2 * BLOCKS[arch], steps * BLOCKS[arch]), report
     for name, node in variant_samplers.items():
-        distance = _relative(_latent(comfy, f"constant_{name}_skipped"), _latent(comfy, f"constant_{name}_full"))
+        distance = relative_error(_latent(comfy, f"constant_{name}_skipped"), _latent(comfy, f"constant_{name}_full"))
         assert distance < 1e-4, (name, distance)
-        report = _text(outputs, node)
+        report = preview_text(outputs, node)
         assert _skipped(report) == list(range(1, steps - 1)), report
         assert "no residual cached" not in report, report
 
