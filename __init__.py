@@ -1,13 +1,13 @@
 """ComfyUI entry point of the Musubi LoRA Trainer node pack.
 
 ComfyUI imports this package from ``custom_nodes/``; the nodes themselves live in
-``nodes/`` and the algorithms in the standalone library ``musubi/``.
+``musubi_nodes/`` and the algorithms in the standalone library ``musubi/``.
 """
 
 WEB_DIRECTORY = "./web"
 
 
 async def comfy_entrypoint():
-    from .nodes import MusubiExtension
+    from .musubi_nodes import MusubiExtension
 
     return MusubiExtension()

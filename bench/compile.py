@@ -35,9 +35,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from musubi.compile import CompileSettings, compile_regions  # noqa: E402
-from musubi.lora_network import LoRANetwork  # noqa: E402
-from musubi.lora_presets import get_preset  # noqa: E402
-from musubi.model_adapter import ToyAdapter  # noqa: E402
+from musubi.lora.network import LoRANetwork  # noqa: E402
+from musubi.lora.presets import get_preset  # noqa: E402
+from musubi.training.adapter import ToyAdapter  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:

@@ -303,10 +303,10 @@ def import_comfyui(path: Path, magcache_folder: str) -> SimpleNamespace:
         latent_format=comfy.latent_formats.Wan21(),
         core_nodes=nodes,
         easycache=comfy_extras.nodes_easycache,
-        magcache=importlib.import_module(f"{PACK_MODULE}.nodes.magcache"),
-        lora_merge=importlib.import_module(f"{PACK_MODULE}.musubi.lora_merge"),
-        safetensors_io=importlib.import_module(f"{PACK_MODULE}.musubi.safetensors_io"),
-        text_embeddings=importlib.import_module(f"{PACK_MODULE}.musubi.text_embeddings"),
+        magcache=importlib.import_module(f"{PACK_MODULE}.musubi_nodes.magcache"),
+        lora_merge=importlib.import_module(f"{PACK_MODULE}.musubi.lora.merge"),
+        safetensors_io=importlib.import_module(f"{PACK_MODULE}.musubi.files"),
+        text_embeddings=importlib.import_module(f"{PACK_MODULE}.musubi.data.text_embeddings"),
     )
 
 

@@ -63,7 +63,7 @@ sys.path.insert(0, str(REPO_ROOT / "tests"))
 from comfy_server import ComfyExecutionError, ComfyServer, Graph, find_comfyui  # noqa: E402
 from tiny_checkpoints import ARCHS, write_tiny_checkpoint  # noqa: E402
 
-from musubi.text_embeddings import TextEmbedding, save_text_embedding  # noqa: E402
+from musubi.data.text_embeddings import TextEmbedding, save_text_embedding  # noqa: E402
 
 TRAINERS = ("ours", "core")
 LABELS = {"ours": "Train LoRA (musubi)", "core": "core TrainLoraNode"}

@@ -1,7 +1,7 @@
 """musubi: LoRA training and inference tricks for diffusion transformers.
 
 A self-contained PyTorch library. It never imports ComfyUI; the node pack in
-``nodes/`` adapts ComfyUI types to it.
+``musubi_nodes/`` adapts ComfyUI types to it.
 """
 
 __version__ = "0.1.0"

@@ -11,10 +11,10 @@ import sys
 from .errors import MusubiError
 
 COMMANDS = {
-    "ema-merge": (".ema_merge", "Merge LoRA checkpoints with a post-hoc EMA."),
-    "timesteps": (".timestep_preview", "Show the training timestep distribution."),
+    "ema-merge": (".lora.ema", "Merge LoRA checkpoints with a post-hoc EMA."),
+    "timesteps": (".training.timestep_preview", "Show the training timestep distribution."),
     "quantize": (".fp8", "Quantize a DiT checkpoint to block-scaled FP8."),
-    "train": (".train_cli", "Train a LoRA from a TOML config on cached latents."),
+    "train": (".training.cli", "Train a LoRA from a TOML config on cached latents."),
 }
 
 

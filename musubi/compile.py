@@ -383,7 +383,7 @@ def compile_for_training(adapter: Any, network: Any, options: Any) -> CompiledRe
     settings = settings_from_options(options)
     if not settings.enabled:
         return None
-    from .lora_presets import get_preset
+    from .lora.presets import get_preset
 
     preset = getattr(network, "preset", None) or get_preset(getattr(adapter, "architecture", "generic"))
     roots = [adapter.lora_root()]

@@ -28,8 +28,18 @@ from typing import NamedTuple
 
 import torch
 
-from . import safetensors_io
+from . import files
+from .architectures import (
+    SCALE_SUFFIX,
+    WEIGHT_SUFFIX,
+    WITH_GENERIC,
+    detect_architecture,
+    resolve_architecture,
+    strip_model_prefix,
+)
 from .errors import MusubiError
+from .files import dtype_and_shape
+from .lora.merge import LoraMerger, load_lora_file
 
 FP8_FORMATS: dict[str, torch.dtype] = {"e4m3fn": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 MODES = ("block", "channel", "tensor")
@@ -43,13 +53,7 @@ MIN_SCALE = torch.finfo(torch.float32).tiny
 # The dtype scales are stored in: float32's range (never subnormal), half the bytes.
 SCALE_DTYPE = torch.bfloat16
 
-SCALE_SUFFIX = ".scale_weight"
-WEIGHT_SUFFIX = ".weight"
-
-# Key prefixes under which single-file checkpoints store the diffusion model.
-MODEL_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
-
-ARCHITECTURES = ("wan", "hunyuan_video", "framepack", "flux", "qwen_image", "generic")
+ARCHITECTURES = WITH_GENERIC
 
 METADATA_PREFIX = "musubi.fp8."
 
@@ -244,59 +248,6 @@ RULES: dict[str, QuantizationRule] = {
 }
 
 
-def strip_model_prefix(key: str) -> str:
-    """Drop a leading ``model.diffusion_model.`` or ``diffusion_model.``."""
-    for prefix in MODEL_PREFIXES:
-        if key.startswith(prefix):
-            return key[len(prefix):]
-    return key
-
-
-_QWEN_MOD = re.compile(r"^transformer_blocks\.\d+\.(img|txt)_mod\.")
-_DIFFUSERS_ATTENTION = re.compile(r"^transformer_blocks\.\d+\.attn\.to_q\.weight$")
-
-
-def detect_architecture(keys: Iterable[str]) -> str:
-    """Name the architecture from key names alone (any ``diffusion_model.`` prefix is ignored).
-
-    What tells the layouts apart (ComfyUI's detection uses the same marks):
-    Wan has ``head.modulation``; HunyuanVideo and FLUX both have ``double_blocks``, ``txt_in`` and
-    ``vector_in``, but only HunyuanVideo has the token refiner ``txt_in.individual_token_refiner``
-    (and a Conv3d ``img_in.proj``) while FLUX has a plain Linear ``img_in``; Qwen-Image and
-    FramePack both use diffusers names (``transformer_blocks.N.attn.to_q``), but only Qwen-Image
-    has ``img_mod``/``txt_norm`` and only FramePack (the diffusers HunyuanVideo layout) has the
-    Conv3d ``x_embedder.proj`` and the ``context_embedder.token_refiner``. Anything else is
-    "generic".
-    """
-    names = {strip_model_prefix(key) for key in keys}
-
-    def starts(prefix: str) -> bool:
-        return any(name.startswith(prefix) for name in names)
-
-    if "head.modulation" in names:
-        return "wan"
-    if starts("double_blocks.") and (starts("txt_in.individual_token_refiner.") or "img_in.proj.weight" in names):
-        return "hunyuan_video"
-    if starts("double_blocks.") and "img_in.weight" in names:
-        return "flux"
-    if "txt_norm.weight" in names or any(_QWEN_MOD.match(name) for name in names):
-        return "qwen_image"
-    if any(_DIFFUSERS_ATTENTION.match(name) for name in names) and (
-        "x_embedder.proj.weight" in names or starts("clean_x_embedder.") or starts("context_embedder.token_refiner.")
-    ):
-        return "framepack"
-    return "generic"
-
-
-def resolve_architecture(architecture: str, keys: Iterable[str]) -> str:
-    """``architecture`` itself, or the detected one for "auto"."""
-    if architecture == "auto":
-        return detect_architecture(keys)
-    if architecture not in RULES:
-        raise MusubiError(f"architecture={architecture!r} is unknown; choose auto or one of: {', '.join(ARCHITECTURES)}.")
-    return architecture
-
-
 def selects_key(key: str, architecture: str) -> bool:
     """Whether the architecture's rule picks this key, judged on the name alone."""
     if architecture not in RULES:
@@ -321,24 +272,6 @@ def should_quantize(key: str, tensor, architecture: str) -> bool:
 
 
 # --- already-quantized inputs -------------------------------------------------------------
-
-
-def dtype_and_shape(value) -> tuple[str, tuple[int, ...]]:
-    """Safetensors dtype name and shape of a tensor, a ``(dtype, shape)`` pair or a raw header entry."""
-    if isinstance(value, torch.Tensor):
-        return _SAFETENSORS_DTYPE_NAMES.get(value.dtype, str(value.dtype)), tuple(value.shape)
-    if isinstance(value, Mapping):
-        return str(value["dtype"]), tuple(int(size) for size in value["shape"])
-    dtype, shape = value
-    return str(dtype), tuple(int(size) for size in shape)
-
-
-_SAFETENSORS_DTYPE_NAMES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
-    torch.float8_e4m3fnuz: "F8_E4M3FNUZ", torch.float8_e5m2fnuz: "F8_E5M2FNUZ",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
-}
 
 
 def _is_float_dtype_name(name: str) -> bool:
@@ -529,12 +462,11 @@ def quantize_checkpoint(
     into each weight before it is quantized. Returns the tensors, the metadata to store with them
     (the input's own plus the settings under ``musubi.fp8.*``) and what was done.
     """
-    header, metadata = safetensors_io.read_header(in_path)
+    header, metadata = files.read_header(in_path)
     report = _prepare(header, in_path, architecture, fp8_format, mode, block_size)
 
-    items: Iterable[tuple[str, torch.Tensor]] = safetensors_io.iter_tensors(in_path)
+    items: Iterable[tuple[str, torch.Tensor]] = files.iter_tensors(in_path)
     if loras:
-        from .lora_merge import LoraMerger  # only needed when merging
 
         merger = LoraMerger(header, loras, report.architecture)
         report.lora_report = merger.report
@@ -561,7 +493,7 @@ def quantize_file(in_path: str, out_path: str, **options) -> QuantizationReport:
             "needed to merge LoRAs or change the settings later)."
         )
     output, metadata, report = quantize_checkpoint(in_path, **options)
-    safetensors_io.atomic_save_file(output, out_path, metadata)
+    files.atomic_save_file(output, out_path, metadata)
     return report
 
 
@@ -592,7 +524,6 @@ def run_cli(args: argparse.Namespace) -> int:
             "give one per file or none (1.0 each)."
         )
     if args.lora_weight:
-        from .lora_merge import load_lora_file
 
         multipliers = args.lora_multiplier or [1.0] * len(args.lora_weight)
         loras = [(load_lora_file(path)[0], multiplier) for path, multiplier in zip(args.lora_weight, multipliers)]

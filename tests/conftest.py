@@ -70,7 +70,7 @@ def tiny_model_file(comfy):
 @pytest.fixture(scope="session")
 def text_embedding_file(comfy):
     """Random text-encoder outputs of the right widths, saved in the pack's cache format."""
-    from musubi.text_embeddings import TextEmbedding, save_text_embedding
+    from musubi.data.text_embeddings import TextEmbedding, save_text_embedding
 
     written: dict[str, str] = {}
 

@@ -104,7 +104,7 @@ def _write_video(path: Path, width: int, height: int, frames: int, seed: int) ->
 
 
 def _captions_and_text_caches(folder: Path, cache: Path) -> dict[str, str]:
-    from musubi.text_embeddings import TextEmbedding, save_text_embedding
+    from musubi.data.text_embeddings import TextEmbedding, save_text_embedding
 
     captions = {}
     cache.mkdir(parents=True, exist_ok=True)
@@ -273,7 +273,7 @@ def test_image_to_video_items_carry_their_first_frame_and_train_wan_i2v(comfy, w
         folder.mkdir()
         Image.fromarray(_pattern(48, 48, 3)).save(folder / "still.png")
         _write_video(folder / "moving.mkv", 32, 64, 6, 4)
-        from musubi.text_embeddings import TextEmbedding, save_text_embedding
+        from musubi.data.text_embeddings import TextEmbedding, save_text_embedding
 
         cache.mkdir(parents=True, exist_ok=True)
         for name in ("still", "moving"):

@@ -17,8 +17,8 @@ import torch
 from comfy_server import Graph, preview_text, relative_error
 from musubi.fp8 import quantize_file
 from musubi.framepack.sampling import FramePackRun, sample_video
-from musubi.image_embeddings import load_image_embedding, save_image_embedding
-from musubi.text_embeddings import load_text_embedding
+from musubi.data.image_embeddings import load_image_embedding, save_image_embedding
+from musubi.data.text_embeddings import load_text_embedding
 from tiny_framepack import framepack_conditioning, write_framepack_file, write_framepack_folder, write_framepack_lora, write_plain_fp8_file
 
 pytestmark = pytest.mark.comfyui

@@ -8,7 +8,7 @@ import safetensors.torch
 import torch
 
 from comfy_server import Graph
-from musubi.image_embeddings import save_image_embedding
+from musubi.data.image_embeddings import save_image_embedding
 from tiny_checkpoints import ARCHS
 
 pytestmark = pytest.mark.comfyui

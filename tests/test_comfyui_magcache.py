@@ -26,7 +26,7 @@ from tiny_checkpoints import ARCHS, FLUX_SIZES, tiny_state_dict
 pytestmark = pytest.mark.comfyui
 
 NATIVE = [name for name, arch in ARCHS.items() if arch.comfy_native]
-DEFAULTS_FILE = REPO_ROOT / "musubi" / "magcache_defaults.json"
+DEFAULTS_FILE = REPO_ROOT / "musubi" / "magcache" / "defaults.json"
 
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -52,7 +52,7 @@ def _long_wan_prompt(comfy) -> str:
     cond and uncond run as two forward calls per step."""
     path = comfy.models_dir("text_embeddings") / "magcache_long_wan.safetensors"
     if not path.exists():
-        from musubi.text_embeddings import TextEmbedding, save_text_embedding
+        from musubi.data.text_embeddings import TextEmbedding, save_text_embedding
         context = torch.randn(29, ARCHS["wan21_t2v"].text_dim, generator=torch.Generator().manual_seed(2))
         save_text_embedding(path, TextEmbedding(context=context, architecture="wan", extra={}))
     return path.name

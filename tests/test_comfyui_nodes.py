@@ -153,7 +153,7 @@ def test_saved_text_embedding_loads_back_identically(comfy, text_embedding_file)
     path = outputs[str(saved)]["text"][0]
     assert path.endswith("roundtrip/hv.safetensors") and os.path.isfile(path)
 
-    from musubi.text_embeddings import load_text_embedding
+    from musubi.data.text_embeddings import load_text_embedding
 
     original = load_text_embedding(comfy.models_dir("text_embeddings") / text_embedding_file("hunyuan_video"))
     again = load_text_embedding(path)

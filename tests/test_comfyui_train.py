@@ -221,7 +221,7 @@ def test_missing_training_data_and_a_doubled_expert_get_clear_errors(comfy, tiny
 def test_captions_of_different_lengths_train_in_one_batch(comfy, tiny_model_file, text_embedding_file):
     # HunyuanVideo's text enters as a plain tensor that ComfyUI cannot concatenate across lengths;
     # such items of a batch run as separate model calls.
-    from musubi.text_embeddings import TextEmbedding, save_text_embedding
+    from musubi.data.text_embeddings import TextEmbedding, save_text_embedding
 
     generator = torch.Generator().manual_seed(5)
     save_text_embedding(comfy.models_dir("text_embeddings") / "hunyuan_11_tokens.safetensors",

@@ -21,13 +21,13 @@ from musubi import compile as compile_module
 from musubi.cli import main
 from musubi.compile import CompileSettings, compile_regions, select_regions
 from musubi.errors import MusubiError
-from musubi.lora_network import LoRANetwork
-from musubi.lora_presets import get_preset
-from musubi.model_adapter import ToyAdapter, ToyBlock
-from musubi.timesteps import TimestepSettings
-from musubi.train_cli import add_cli_arguments
-from musubi.train_config import load_train_config
-from musubi.trainer import Trainer, TrainSettings, flow_matching_loss
+from musubi.lora.network import LoRANetwork
+from musubi.lora.presets import get_preset
+from musubi.training.adapter import ToyAdapter, ToyBlock
+from musubi.training.timesteps import TimestepSettings
+from musubi.training.cli import add_cli_arguments
+from musubi.training.config import load_train_config
+from musubi.training.loop import Trainer, TrainSettings, flow_matching_loss
 
 from test_train_cli import toy_cache
 from test_trainer import write_items

@@ -14,15 +14,15 @@ from PIL import Image
 from safetensors import safe_open
 
 from musubi.cli import main
-from musubi.buckets import BucketSelector, bucket_resolutions, resize_plan
-from musubi.dataset_cache import CachedDataset, Encoders, build_cache
-from musubi.dataset_config import DatasetSpec, load_dataset_config, parse_dataset_config
-from musubi.dataset_plan import plan_items
+from musubi.data.buckets import BucketSelector, bucket_resolutions, resize_plan
+from musubi.data.cache import CachedDataset, Encoders, build_cache
+from musubi.data.config import DatasetSpec, load_dataset_config, parse_dataset_config
+from musubi.data.plan import plan_items
 from musubi.errors import MusubiError
-from musubi.frame_extraction import extract_windows, normalize_target_frames, resample_frame_indices
-from musubi.latent_cache import LatentCacheDataset
-from musubi.model_adapter import ToyAdapter
-from musubi.text_embeddings import TextEmbedding
+from musubi.data.frames import extract_windows, normalize_target_frames, resample_frame_indices
+from musubi.data.latent_cache import LatentCacheDataset
+from musubi.training.adapter import ToyAdapter
+from musubi.data.text_embeddings import TextEmbedding
 
 torch.set_num_threads(1)
 
@@ -277,7 +277,7 @@ def test_plan_errors_list_every_problem(folder, tmp_path):
 def wan_toy(**options):
     """The toy model dressed as Wan (16 channels, text 4096, blocks of the class name the Wan LoRA
     preset targets), to train on a Wan-layout cache."""
-    from musubi.model_adapter import ToyBlock
+    from musubi.training.adapter import ToyBlock
 
     class WanAttentionBlock(ToyBlock):
         pass
@@ -368,8 +368,8 @@ def test_image_to_video_conditioning_is_cached_and_part_of_the_key(folder, tmp_p
 
 
 def test_musubi_tuners_own_caches_are_used_while_no_encoder_checks_them(tmp_path):
-    from musubi.safetensors_io import atomic_save_file
-    from musubi.text_embeddings import save_text_embedding
+    from musubi.files import atomic_save_file
+    from musubi.data.text_embeddings import save_text_embedding
 
     data, cache = tmp_path / "data", tmp_path / "cache"
     data.mkdir()

@@ -16,8 +16,8 @@ import safetensors.torch
 import torch
 from safetensors.torch import load_file, save_file
 
-from musubi import cli, safetensors_io
-from musubi.ema_merge import (SIGMA_REL_MAX, effective_weights, merge_decays, post_hoc_ema_merge, sigma_rel_of_gamma,
+from musubi import cli, files as safetensors_io
+from musubi.lora.ema import (SIGMA_REL_MAX, effective_weights, merge_decays, post_hoc_ema_merge, sigma_rel_of_gamma,
                               solve_gamma)
 from musubi.errors import MusubiError
 

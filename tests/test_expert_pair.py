@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from musubi.errors import MusubiError
-from musubi.expert_pair import ExpertPairAdapter, check_boundary, same_expert_noise_levels
-from musubi.latent_cache import write_latent_cache_item, LatentCacheDataset
-from musubi.lora_network import LoRANetwork
-from musubi.model_adapter import ToyAdapter
-from musubi.timesteps import TimestepSettings, sample_noise_levels
-from musubi.trainer import Trainer, TrainSettings
+from musubi.training.expert_pair import ExpertPairAdapter, check_boundary, same_expert_noise_levels
+from musubi.data.latent_cache import write_latent_cache_item, LatentCacheDataset
+from musubi.lora.network import LoRANetwork
+from musubi.training.adapter import ToyAdapter
+from musubi.training.timesteps import TimestepSettings, sample_noise_levels
+from musubi.training.loop import Trainer, TrainSettings
 
 
 def test_boundary_accepts_noise_levels_and_timesteps_and_refuses_the_rest():

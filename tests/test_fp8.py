@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from musubi import cli, safetensors_io
+from musubi import cli, files as safetensors_io
 from musubi.errors import MusubiError
 from musubi.fp8 import (check_not_prequantized, dequantize_state_dict, dequantize_weight, detect_architecture,
                         is_scaled_fp8_state_dict, quantize_file, quantize_state_dict, quantize_state_dict_with_report,

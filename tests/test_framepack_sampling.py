@@ -18,7 +18,7 @@ from musubi.framepack.sampling import FramePackRun, MagCachePlan, sample_video
 from musubi.framepack.sampling_sections import SectionHistory, plan_sections, sampling_paddings, sections_for_duration
 from musubi.framepack.schedule import auto_shift, shifted_sigmas
 from musubi.framepack.unipc import sample_unipc
-from musubi.magcache import MagCacheSettings, MagCacheState, default_calibration
+from musubi.magcache.core import MagCacheSettings, MagCacheState, default_calibration
 from tiny_checkpoints import build_framepack_model, tiny_state_dict, write_tiny_checkpoint
 from tiny_framepack import (framepack_conditioning, write_framepack_file, write_framepack_folder, write_plain_fp8_file,
                             write_unprefixed_without_metadata)

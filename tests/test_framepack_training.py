@@ -16,12 +16,12 @@ from musubi.cli import main
 from musubi.errors import MusubiError
 from musubi.framepack.adapter import FramePackAdapter, from_checkpoint, from_musubi_cache, training_items, write_training_items
 from musubi.framepack.checkpoint import config_from_shapes, load_transformer
-from musubi.latent_cache import LatentCacheDataset
-from musubi.lora_files import from_canonical, load_lora_state_dict, save_lora
-from musubi.lora_network import LoRANetwork
-from musubi.text_embeddings import TextEmbedding, save_text_embedding
-from musubi.memory_dataset import InMemoryLatentDataset
-from musubi.trainer import Trainer, TrainSettings
+from musubi.data.latent_cache import LatentCacheDataset
+from musubi.lora.formats import from_canonical, load_lora_state_dict, save_lora
+from musubi.lora.network import LoRANetwork
+from musubi.data.text_embeddings import TextEmbedding, save_text_embedding
+from musubi.data.memory import InMemoryLatentDataset
+from musubi.training.loop import Trainer, TrainSettings
 from tiny_checkpoints import FRAMEPACK_TINY_CONFIG, tiny_state_dict, write_tiny_checkpoint
 
 torch.set_num_threads(1)

@@ -21,10 +21,10 @@ from torch import nn
 
 from comfy_server import find_comfyui
 from musubi.errors import MusubiError
-from musubi.lora_files import (
+from musubi.lora.formats import (
     check_is_lora, convert_lora_file, group_lora_modules, load_lora_state_dict, save_lora, to_canonical, training_metadata,
 )
-from musubi.lora_network import LoRANetwork, network_from_args
+from musubi.lora.network import LoRANetwork, network_from_args
 from test_lora_network import HunyuanVideo, QwenImageTransformer2DModel, WanModel
 
 torch.set_num_threads(1)
@@ -382,8 +382,8 @@ import comfy.cli_args
 comfy.cli_args.args.cpu = True
 import comfy.lora, comfy.sd, comfy.utils
 from tiny_checkpoints import tiny_state_dict
-from musubi.lora_files import save_lora
-from musubi.lora_network import LoRANetwork
+from musubi.lora.formats import save_lora
+from musubi.lora.network import LoRANetwork
 
 messages = []
 class Collect(logging.Handler):

@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 from musubi import cli
 from musubi.errors import MusubiError
 from musubi.fp8 import quantize_file, quantize_state_dict
-from musubi.lora_merge import LoraMerger, load_lora_file, merge_loras_into_state_dict
+from musubi.lora.merge import LoraMerger, load_lora_file, merge_loras_into_state_dict
 
 torch.set_num_threads(1)
 

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from musubi.errors import MusubiError
-from musubi.lora_network import LoRAModule, LoRANetwork, network_from_args
-from musubi.lora_presets import PRESETS, get_preset
+from musubi.lora.network import LoRAModule, LoRANetwork, network_from_args
+from musubi.lora.presets import PRESETS, get_preset
 
 torch.set_num_threads(1)
 
@@ -500,14 +500,14 @@ def test_paths_that_collide_in_musubi_names_are_an_error():
 
 @pytest.mark.parametrize("spelling", [True, "true", "True", 1, "yes"])
 def test_verbose_accepts_every_true_spelling_and_logs_the_selection(spelling, caplog):
-    with caplog.at_level(logging.INFO, logger="musubi.lora_network"):
+    with caplog.at_level(logging.INFO, logger="musubi.lora.network"):
         LoRANetwork(Flux(), "flux", verbose=spelling)
     assert "excluded double_blocks.0.img_mod.lin" in caplog.text
     assert "created double_blocks.0.img_attn.qkv" in caplog.text
 
 
 def test_verbose_off_logs_no_layer_names_and_nonsense_is_an_error(caplog):
-    with caplog.at_level(logging.INFO, logger="musubi.lora_network"):
+    with caplog.at_level(logging.INFO, logger="musubi.lora.network"):
         LoRANetwork(Flux(), "flux", verbose="false")
     assert "img_mod.lin" not in caplog.text
     with pytest.raises(MusubiError, match="verbose"):
@@ -862,7 +862,7 @@ def test_loraplus_without_trainable_up_weights_warns(caplog):
     network = LoRANetwork(WanModel(blocks=1), "wan", loraplus_lr_ratio=4)
     for module in network.lora_modules:
         module.lora_up.weight.requires_grad_(False)
-    with caplog.at_level(logging.WARNING, logger="musubi.lora_network"):
+    with caplog.at_level(logging.WARNING, logger="musubi.lora.network"):
         groups = network.param_groups(1e-4)
     assert "loraplus_lr_ratio" in caplog.text
     assert [g["name"] for g in groups] == ["unet"]

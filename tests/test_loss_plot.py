@@ -6,7 +6,7 @@ import pytest
 pytest.importorskip("matplotlib")
 
 from musubi.errors import MusubiError
-from musubi.loss_plot import average_window, moving_average, render_loss_curve
+from musubi.training.loss_plot import average_window, moving_average, render_loss_curve
 
 DARK = np.array([0x1F, 0x4E, 0x96])  # the colour of the main curve
 LIGHT = np.array([0x9B, 0xB7, 0xDC])  # the colour of the raw losses under a moving average

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from musubi.errors import MusubiError
-from musubi.lr_schedulers import (
+from musubi.training.schedulers import (
     SCHEDULER_NAMES,
     AdafactorRelativeStepLR,
     ScheduleFreeLR,

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from musubi.errors import MusubiError
-from musubi.magcache import (
+from musubi.magcache.core import (
     CalibrationRecorder,
     MagCacheSettings,
     MagCacheState,

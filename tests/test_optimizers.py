@@ -11,7 +11,7 @@ import torch
 
 from musubi.errors import MusubiError
 from musubi.key_value_args import format_key_value_args, parse_key_value_args
-from musubi.optimizers import (
+from musubi.training.optimizers import (
     BUILTIN_OPTIMIZERS,
     build_optimizer,
     eval_mode,

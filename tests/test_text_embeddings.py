@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from musubi.errors import MusubiError
-from musubi.text_embeddings import (
+from musubi.data.text_embeddings import (
     ARCHITECTURES,
     TextEmbedding,
     expected_widths,

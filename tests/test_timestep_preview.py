@@ -13,8 +13,8 @@ import torch
 
 from musubi.cli import main as cli_main
 from musubi.errors import MusubiError
-from musubi.timestep_preview import TimestepPreview, compute_preview, console_text, render_image
-from musubi.timesteps import TimestepSettings
+from musubi.training.timestep_preview import TimestepPreview, compute_preview, console_text, render_image
+from musubi.training.timesteps import TimestepSettings
 
 torch.set_num_threads(1)
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from musubi.errors import MusubiError
-from musubi.timesteps import (
+from musubi.training.timesteps import (
     METHODS,
     TimestepSettings,
     add_timestep_arguments,

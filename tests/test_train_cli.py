@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from musubi.cli import main
-from musubi.latent_cache import write_latent_cache_item
-from musubi.lora_files import load_lora_state_dict
-from musubi.lora_network import LoRANetwork
-from musubi.model_adapter import ToyAdapter
-from musubi.safetensors_io import read_header
-from musubi.train_cli import ConsoleProgress, _stop_on_ctrl_c, add_cli_arguments
+from musubi.data.latent_cache import write_latent_cache_item
+from musubi.lora.formats import load_lora_state_dict
+from musubi.lora.network import LoRANetwork
+from musubi.training.adapter import ToyAdapter
+from musubi.files import read_header
+from musubi.training.cli import ConsoleProgress, _stop_on_ctrl_c, add_cli_arguments
 
 torch.set_num_threads(1)
 

@@ -7,7 +7,7 @@ import textwrap
 import pytest
 
 from musubi.errors import MusubiError
-from musubi.train_config import config_options, load_train_config, read_config_file
+from musubi.training.config import config_options, load_train_config, read_config_file
 
 BASE = """
 model = "toy"

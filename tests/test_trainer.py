@@ -18,12 +18,12 @@ import torch
 from safetensors.torch import load_file
 
 from musubi.errors import MusubiError
-from musubi.latent_cache import LatentCacheDataset, write_latent_cache_item
-from musubi.lora_files import load_lora_state_dict
-from musubi.lora_network import LoRANetwork
-from musubi.model_adapter import ToyAdapter, load_adapter
-from musubi.timesteps import TimestepSettings
-from musubi.trainer import TrainCallbacks, Trainer, TrainSettings, find_latest_state
+from musubi.data.latent_cache import LatentCacheDataset, write_latent_cache_item
+from musubi.lora.formats import load_lora_state_dict
+from musubi.lora.network import LoRANetwork
+from musubi.training.adapter import ToyAdapter, load_adapter
+from musubi.training.timesteps import TimestepSettings
+from musubi.training.loop import TrainCallbacks, Trainer, TrainSettings, find_latest_state
 
 torch.set_num_threads(1)
 
@@ -382,7 +382,7 @@ def test_nan_loss_stops_at_once_and_keeps_the_last_good_checkpoint(tmp_path):
 
 
 def test_schedule_free_saves_its_averaged_weights_and_saving_changes_nothing(tmp_path):
-    from musubi.optimizers import eval_mode
+    from musubi.training.optimizers import eval_mode
 
     dataset = write_items(tmp_path / "data", [(4, 4, 4)] * 3)
 
@@ -549,7 +549,7 @@ def test_load_adapter_specs():
     toy = load_adapter("toy", width=16, seed=3)
     assert toy.architecture == "generic" and toy.model.patch_in.out_features == 16
     assert not any(param.requires_grad for param in toy.lora_root().parameters())
-    same = load_adapter("musubi.model_adapter:ToyAdapter", width=16, seed=3)
+    same = load_adapter("musubi.training.adapter:ToyAdapter", width=16, seed=3)
     assert torch.equal(same.model.proj_out.weight, toy.model.proj_out.weight)
     latents, noise = torch.randn(2, 4, 2, 2), torch.randn(2, 4, 2, 2)
     assert torch.equal(toy.velocity_target(latents, noise), noise - latents)
@@ -558,8 +558,8 @@ def test_load_adapter_specs():
     with pytest.raises(MusubiError, match="cannot import"):
         load_adapter("no_such_package_xyz.adapters:make")
     with pytest.raises(MusubiError, match="no callable named nothing"):
-        load_adapter("musubi.model_adapter:nothing")
+        load_adapter("musubi.training.adapter:nothing")
     with pytest.raises(MusubiError, match="not a model adapter"):
-        load_adapter("musubi.model_adapter:flow_matching_velocity", latents=latents, noise=noise)
+        load_adapter("musubi.training.adapter:flow_matching_velocity", latents=latents, noise=noise)
     with pytest.raises(MusubiError, match="does not take colour"):
         load_adapter("toy", colour="red")

@@ -57,8 +57,8 @@ import torch
 
 from comfy_server import PACK_NAME, REPO_ROOT
 from fixture_files import write_wan_lora_checkpoints
-from musubi.dataset_plan import ARCHITECTURE_CODES
-from musubi.text_embeddings import TextEmbedding, save_text_embedding
+from musubi.data.plan import ARCHITECTURE_CODES
+from musubi.data.text_embeddings import TextEmbedding, save_text_embedding
 from tiny_checkpoints import ARCHS, ensure_tiny_checkpoint
 from tiny_framepack import clip_vision_stand_in, prepare_framepack_workflow, short_framepack_run
 from workflow_fixtures import write_noise_image, write_noise_video, write_random_vaes, write_tiny_lora

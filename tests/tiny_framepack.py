@@ -105,7 +105,7 @@ IMAGE_EMBEDDING_STAND_IN = "framepack_siglip_stand_in.safetensors"
 def prepare_framepack_workflow(stand_ins, graph: dict, prepare_named_files) -> None:
     """The FramePack folder under its real name, a SigLIP-shaped stand-in embedding, and whatever
     else the graph names (VAE, input image) through ``prepare_named_files(stand_ins, graph)``."""
-    from musubi.image_embeddings import save_image_embedding
+    from musubi.data.image_embeddings import save_image_embedding
 
     comfy = stand_ins.comfy
     folder = comfy.models_dir("diffusion_models") / WORKFLOW_MODEL_FOLDER

@@ -24,9 +24,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import latent_cache
+from ..data import latent_cache
 from ..errors import MusubiError
-from ..model_adapter import flow_matching_velocity
+from ..training.adapter import flow_matching_velocity
 from . import training_sections as sections
 from .checkpoint import load_transformer
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 from ..errors import MusubiError
-from ..magcache import CALIBRATION_FORMAT, CALIBRATION_VERSION, CalibrationRecorder, _write_text_atomically
+from ..files import write_text_atomically
+from ..magcache.core import CALIBRATION_FORMAT, CALIBRATION_VERSION, CalibrationRecorder
 
 ARCHITECTURE = "framepack"
 
 
 def section_calibration(recorders: Sequence[CalibrationRecorder], steps: int, extra: Mapping[str, Any] | None = None) -> dict:
-    """The calibration file's content (the layout :func:`musubi.magcache.load_calibration_json` reads)."""
+    """The calibration file's content (the layout :func:`musubi.magcache.core.load_calibration_json` reads)."""
     curves = [recorder.to_dict(ARCHITECTURE, steps) for recorder in recorders]
     if not curves:
         raise MusubiError("FramePack MagCache calibration: no section was recorded.")
@@ -52,5 +53,5 @@ def save_section_calibration(path: str, recorders: Sequence[CalibrationRecorder]
         text = json.dumps(payload, indent=1)
     except TypeError as error:
         raise MusubiError(f"FramePack MagCache calibration: extra must hold JSON values only ({error}).") from None
-    _write_text_atomically(path, text + "\n")
+    write_text_atomically(path, text + "\n")
     return payload

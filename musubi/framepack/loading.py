@@ -26,9 +26,10 @@ from typing import Any
 
 import torch
 
-from .. import safetensors_io
+from .. import files
 from ..errors import MusubiError
-from ..fp8 import SCALE_SUFFIX, WEIGHT_SUFFIX, is_comfyui_quantized, strip_model_prefix
+from ..architectures import SCALE_SUFFIX, WEIGHT_SUFFIX, strip_model_prefix
+from ..fp8 import is_comfyui_quantized
 from .checkpoint import CLASS_NAME, CONFIG_FILE, config_from_shapes
 
 INDEX_FILE = "diffusion_pytorch_model.safetensors.index.json"
@@ -92,7 +93,7 @@ def inspect_source(path: str, node: str = "Load FramePack DiT") -> FramePackSour
         return _inspect_folder(path, node)
     if not os.path.isfile(path):
         raise MusubiError(f"{node}: {path} does not exist; pick a FramePack folder or .safetensors file in models/diffusion_models.")
-    header, metadata = safetensors_io.read_header(path)
+    header, metadata = files.read_header(path)
     return _inspect_file(path, header, metadata, node)
 
 
@@ -117,7 +118,7 @@ def _inspect_folder(path: str, node: str) -> FramePackSource:
     files = _shard_files(folder, node)
     header: dict[str, tuple[str, tuple[int, ...]]] = {}
     for file in files:
-        header.update(safetensors_io.read_header(file)[0])
+        header.update(files.read_header(file)[0])
     _check_tensors(folder, header, node)
     _check_config_matches(folder, config, header, node)
     return FramePackSource(folder, "folder", tuple(files), config, _is_prequantized(header), header)
@@ -228,7 +229,7 @@ def read_state_dict(source: FramePackSource) -> dict[str, torch.Tensor]:
     """Every tensor of the source, read one at a time (never two copies of a shard)."""
     state_dict: dict[str, torch.Tensor] = {}
     for file in source.files:
-        for key, tensor in safetensors_io.iter_tensors(file):
+        for key, tensor in files.iter_tensors(file):
             state_dict[key] = tensor
     return state_dict
 

@@ -1,0 +1,998 @@
+"""The LoRA training loop: flow matching on cached latents, with checkpoints that resume exactly.
+
+One optimizer step: for each of ``gradient_accumulation_steps`` batches, draw noise ε and noise
+levels t (seeded), build ``x_t = (1 − t)·x0 + t·ε``, let the adapter predict the velocity, take
+the per-sample mean squared error against ``ε − x0`` in float32, weight each sample
+(``weighting_scheme``) and average; then clip, step the optimizer and the lr schedule once.
+
+Everything that decides what happens next is part of a checkpoint's state folder: LoRA weights,
+optimizer, lr schedule, all random states (torch, CUDA, python, numpy and the trainer's noise
+generator), and the position in the data. The batch order of an epoch is drawn from a generator
+seeded by (seed, epoch), so training 2N steps gives the same LoRA as N steps, a resume, and N more.
+
+Multi-GPU (``accelerate launch``): every process takes its share of each epoch's batches,
+gradients are averaged across processes before each step, and only the main process writes.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import logging
+import math
+import os
+import random
+import re
+import shutil
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from ..lora import formats as lora_formats
+from ..compile import BACKEND_HELP, DYNAMIC_HELP, FULLGRAPH_HELP, MODE_HELP, MODES, compile_for_training, settings_from_options
+from ..errors import MusubiError
+from ..files import write_folder_atomically
+from .expert_pair import same_expert_noise_levels
+from ..key_value_args import parse_key_value_args
+from .schedulers import SCHEDULER_NAMES, build_lr_scheduler, parse_step_count
+from .adapter import check_adapter
+from .optimizers import build_optimizer, eval_mode, group_learning_rates, is_schedule_free, set_train_mode
+from .timesteps import TimestepSettings, apply_loss_weights, loss_weights, sample_noise_levels, stratified_uniforms
+
+logger = logging.getLogger(__name__)
+
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
+LOG_WITH = ("tensorboard", "wandb", "all")
+SAVE_PRECISIONS = {
+    "float": torch.float32, "fp32": torch.float32, "float32": torch.float32,
+    "fp16": torch.float16, "float16": torch.float16,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+}
+
+# Files of a state folder. trainer_state.json is written last: a folder without it is incomplete.
+STATE_FORMAT = 1
+NETWORK_FILE = "network.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+SCHEDULER_FILE = "scheduler.pt"
+SCALER_FILE = "scaler.pt"
+RNG_FILE = "rng.pt"
+TRAINER_STATE_FILE = "trainer_state.json"
+
+DEFAULT_TRACKER_NAME = "network_train"
+HISTOGRAM_EVERY_N_STEPS = 50  # timestep histogram cadence (and once at the end)
+
+
+# --- option types ------------------------------------------------------------------------------
+
+_KIND_DESCRIPTIONS = {
+    "int": "an integer",
+    "float": "a number",
+    "bool": "true or false",
+    "str": "a string",
+    "key values": "a list of 'key=value' strings or a table",
+    "table": "a table of values",
+    "step count": "a step count, a ratio below 1 or a percentage string like '10%'",
+}
+
+
+def describe_kind(kind: str) -> str:
+    """Words for an option kind, as used in error messages."""
+    base = kind.removeprefix("optional ")
+    text = _KIND_DESCRIPTIONS[base]
+    return text + " (or unset)" if kind.startswith("optional ") else text
+
+
+def check_option_value(name: str, value: Any, kind: str) -> Any:
+    """Return ``value`` (an int becomes a float for number options) or raise MusubiError naming
+    the option, the expected type and the value. Strings are never read as numbers."""
+    optional = kind.startswith("optional ")
+    base = kind.removeprefix("optional ")
+    if value is None and (optional or base == "key values"):
+        return None
+    is_bool = isinstance(value, bool)
+    if base == "int" and isinstance(value, int) and not is_bool:
+        return value
+    if base == "float" and isinstance(value, (int, float)) and not is_bool:
+        return float(value)
+    if base == "bool" and is_bool:
+        return value
+    if base == "str" and isinstance(value, str):
+        return value
+    if base == "table" and isinstance(value, dict):
+        return value
+    if base == "step count" and (isinstance(value, (int, float, str)) and not is_bool):
+        parse_step_count(value, 10**12, name)
+        return value
+    if base == "key values" and isinstance(value, (str, list, tuple, dict)):
+        parse_key_value_args(value, name)
+        return value
+    message = f"{name} must be {describe_kind(kind)}, got {value!r} ({type(value).__name__})"
+    if base in ("int", "float") and isinstance(value, str) and _looks_numeric(value):
+        message += f"; write the number without quotes: {name} = {value.strip()}"
+    raise MusubiError(message + ".")
+
+
+def _looks_numeric(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _option(default: Any, kind: str, help: str, choices: tuple | None = None, affects_result: bool = True):
+    return field(default=default, metadata={"kind": kind, "help": help, "choices": choices, "affects_result": affects_result})
+
+
+# --- settings ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """The options of one training run (musubi-tuner's names). Call :meth:`validate` before use."""
+
+    output_dir: str | None = _option(None, "optional str", "folder for checkpoints, states and the final LoRA (required)", affects_result=False)
+    output_name: str = _option("lora", "str", "base name of the saved files", affects_result=False)
+    learning_rate: float = _option(2e-6, "float", "learning rate (LoRA typically 1e-4)")
+    optimizer_type: str = _option("AdamW", "str", "AdamW, AdamW8bit, Adafactor, Prodigy, *ScheduleFree, a torch.optim name or package.module.Class")
+    optimizer_args: Any = _option(None, "key values", "optimizer settings, e.g. ['weight_decay=0.01', 'betas=(0.9,0.99)']")
+    lr_scheduler: str = _option("constant", "str", "learning-rate schedule", choices=SCHEDULER_NAMES)
+    lr_warmup_steps: Any = _option(0, "step count", "warmup steps: a count, a ratio below 1, or '10%'")
+    lr_decay_steps: Any = _option(0, "step count", "decay steps of warmup_stable_decay: a count, a ratio below 1, or '10%'")
+    lr_scheduler_num_cycles: float = _option(1.0, "float", "restarts of cosine_with_restarts; cosine waves ×2 for the other cosine schedules")
+    lr_scheduler_power: float = _option(1.0, "float", "power of the polynomial schedule")
+    lr_scheduler_min_lr_ratio: float | None = _option(None, "optional float", "lowest lr as a ratio of the initial lr (cosine_with_min_lr, warmup_stable_decay, rex)")
+    lr_scheduler_timescale: int | None = _option(None, "optional int", "timescale of inverse_sqrt (default: the warmup steps)")
+    lr_scheduler_args: Any = _option(None, "key values", "extra schedule settings, e.g. ['rex_alpha=0.1']")
+    max_train_steps: int = _option(1600, "int", "optimizer steps to train (max_train_epochs wins when set)")
+    max_train_epochs: int | None = _option(None, "optional int", "epochs to train; overrides max_train_steps")
+    batch_size: int = _option(1, "int", "items per batch (items of one batch share a latent shape)")
+    gradient_accumulation_steps: int = _option(1, "int", "batches per optimizer step")
+    max_grad_norm: float = _option(1.0, "float", "clip the gradient norm to this value (0 = no clipping)")
+    mixed_precision: str = _option("no", "str", "autocast dtype of the forward pass", choices=MIXED_PRECISIONS)
+    gradient_checkpointing: bool = _option(False, "bool", "recompute activations in the backward pass to save memory", affects_result=False)
+    seed: int | None = _option(None, "optional int", "random seed (default: a random one, stored in the metadata and the state)")
+    save_every_n_steps: int | None = _option(None, "optional int", "save a checkpoint every N steps", affects_result=False)
+    save_every_n_epochs: int | None = _option(None, "optional int", "save a checkpoint every N epochs", affects_result=False)
+    save_last_n_checkpoints: int | None = _option(None, "optional int", "keep only the newest N checkpoints (LoRA files and states)", affects_result=False)
+    save_state: bool = _option(True, "bool", "save a resumable state folder with every checkpoint and at the end", affects_result=False)
+    save_precision: str | None = _option(None, "optional str", "dtype of saved LoRA files (default float32)", choices=tuple(SAVE_PRECISIONS), affects_result=False)
+    lora_format: str = _option("comfyui", "str", "key layout of saved LoRA files", choices=lora_formats.FORMATS, affects_result=False)
+    log_with: str | None = _option(None, "optional str", "tracker (default: tensorboard when logging_dir is set)", choices=LOG_WITH, affects_result=False)
+    logging_dir: str | None = _option(None, "optional str", "folder for tracker logs (one sub-folder per run)", affects_result=False)
+    log_prefix: str | None = _option(None, "optional str", "prefix of the run's log folder name", affects_result=False)
+    log_tracker_name: str | None = _option(None, "optional str", f"tracker project name (default {DEFAULT_TRACKER_NAME})", affects_result=False)
+    training_comment: str | None = _option(None, "optional str", "stored as ss_training_comment", affects_result=False)
+    metadata_title: str | None = _option(None, "optional str", "modelspec.title (default: output_name)", affects_result=False)
+    metadata_author: str | None = _option(None, "optional str", "modelspec.author", affects_result=False)
+    metadata_description: str | None = _option(None, "optional str", "modelspec.description", affects_result=False)
+    metadata_license: str | None = _option(None, "optional str", "modelspec.license", affects_result=False)
+    metadata_tags: str | None = _option(None, "optional str", "modelspec.tags", affects_result=False)
+    dynamo_backend: str = _option("NO", "str", BACKEND_HELP, affects_result=False)
+    dynamo_mode: str | None = _option(None, "optional str", MODE_HELP, choices=MODES, affects_result=False)
+    dynamo_fullgraph: bool = _option(False, "bool", FULLGRAPH_HELP, affects_result=False)
+    dynamo_dynamic: bool = _option(False, "bool", DYNAMIC_HELP, affects_result=False)
+    timesteps: TimestepSettings = field(default_factory=TimestepSettings)
+
+    def validate(self) -> "TrainSettings":
+        """Raise MusubiError naming the first bad option; return self."""
+        for option in option_fields():
+            value = check_option_value(option.name, getattr(self, option.name), option.metadata["kind"])
+            choices = option.metadata["choices"]
+            if choices and value is not None and value not in choices:
+                raise MusubiError(f"{option.name}: {value!r} is not a choice; choose one of {', '.join(choices)}.")
+        if not isinstance(self.timesteps, TimestepSettings):
+            raise MusubiError(f"timesteps must be TimestepSettings, got {type(self.timesteps).__name__}.")
+        self.timesteps.validate()
+        settings_from_options(self).validate()
+        if not self.output_dir:
+            raise MusubiError("output_dir is required: the folder where checkpoints and the final LoRA go.")
+        if not self.output_name or os.sep in self.output_name or (os.altsep and os.altsep in self.output_name):
+            raise MusubiError(f"output_name must be a plain file name without folders, got {self.output_name!r}.")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate >= 0):
+            raise MusubiError(f"learning_rate must be a finite number ≥ 0, got {self.learning_rate}.")
+        if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0):
+            raise MusubiError(f"max_grad_norm must be a finite number ≥ 0 (0 = no clipping), got {self.max_grad_norm}.")
+        for name in ("max_train_steps", "batch_size", "gradient_accumulation_steps"):
+            if getattr(self, name) < 1:
+                raise MusubiError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        for name in ("max_train_epochs", "save_every_n_steps", "save_every_n_epochs", "save_last_n_checkpoints"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise MusubiError(f"{name} must be at least 1 (or unset), got {value}.")
+        if self.log_with in ("tensorboard", "all") and not self.logging_dir:
+            raise MusubiError(f"log_with {self.log_with!r} writes TensorBoard logs: set logging_dir too.")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly values (the timestep options nested under ``timesteps``)."""
+        values = {option.name: _plain(getattr(self, option.name)) for option in option_fields()}
+        values["timesteps"] = self.timesteps.to_dict()
+        return values
+
+    def result_settings(self) -> dict[str, Any]:
+        """The values that change the trained weights (not the saving or logging ones)."""
+        values = {option.name: _plain(getattr(self, option.name)) for option in option_fields() if option.metadata["affects_result"]}
+        values["timesteps"] = self.timesteps.to_dict()
+        return values
+
+    def settings_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.result_settings(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    @property
+    def save_dtype(self) -> torch.dtype:
+        return SAVE_PRECISIONS[self.save_precision or "float"]
+
+
+def option_fields() -> list[dataclasses.Field]:
+    """The plain options of :class:`TrainSettings` (all but the nested timestep settings)."""
+    return [option for option in dataclasses.fields(TrainSettings) if "kind" in option.metadata]
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_plain(item) for item in value]
+    if isinstance(value, list):
+        return [_plain(item) for item in value]
+    if isinstance(value, dict):
+        return {str(key): _plain(item) for key, item in value.items()}
+    return value
+
+
+# --- results and callbacks ---------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    """What one call of :meth:`Trainer.train` did."""
+
+    global_step: int  # optimizer steps done in total, including those before a resume
+    start_step: int  # the step this call started from (0, or the resumed state's step)
+    total_steps: int
+    losses: list[float] = field(default_factory=list)  # one per step of this call
+    checkpoints: list[str] = field(default_factory=list)  # LoRA files saved by this call
+    state_dirs: list[str] = field(default_factory=list)  # state folders saved by this call
+    final_lora_path: str | None = None
+    interrupted: bool = False
+    is_main_process: bool = True  # False on the other processes of a multi-GPU run (they write nothing)
+
+    @property
+    def last_state_dir(self) -> str | None:
+        return self.state_dirs[-1] if self.state_dirs else None
+
+
+class TrainCallbacks:
+    """Hooks into a run; override what you need.
+
+    ``should_stop`` is asked after every optimizer step (on every process; the main process's
+    answer counts). The others are called on the main process only.
+    """
+
+    def on_start(self, start_step: int, total_steps: int) -> None:
+        pass
+
+    def should_stop(self) -> bool:
+        return False
+
+    def on_step(self, step: int, loss: float, lrs: dict[str, float]) -> None:
+        """After optimizer step ``step`` (from 1): its loss and the learning rates it used."""
+
+    def on_checkpoint(self, path: str) -> None:
+        """After a LoRA file (a checkpoint or the final LoRA) was written."""
+
+
+@dataclass
+class _Progress:
+    global_step: int = 0
+    epoch: int = 0  # epochs completed
+    position: int = 0  # batches of the current epoch this process has consumed
+
+
+# --- the trainer -------------------------------------------------------------------------------
+
+
+class Trainer:
+    """Trains ``network`` (a LoRA attached to ``adapter.lora_root()``) on ``dataset``."""
+
+    def __init__(self, adapter, network, dataset, settings: TrainSettings, callbacks: TrainCallbacks | None = None):
+        self.adapter = check_adapter(adapter)
+        self.network = network
+        self.dataset = dataset
+        self.settings = settings.validate()
+        self.callbacks = callbacks if callbacks is not None else TrainCallbacks()
+        if len(dataset) == 0:
+            raise MusubiError("the dataset has no items.")
+        dataset_architecture = getattr(dataset, "architecture", None)
+        if dataset_architecture and dataset_architecture != adapter.architecture:
+            raise MusubiError(
+                f"the latent cache was made for '{dataset_architecture}' but the model is '{adapter.architecture}'; "
+                "cache the latents with this model's VAE and text encoder."
+            )
+        if not list(network.parameters()):
+            raise MusubiError("the LoRA network has no trainable parameters.")
+        twin_roots = getattr(adapter, "twin_lora_roots", None)
+        for root in twin_roots() if callable(twin_roots) else []:
+            network.attach_twin(root)  # e.g. Wan 2.2 A14B: one LoRA shared by both experts
+
+    # --- public ---------------------------------------------------------------------------------
+
+    def train(self, resume_from: str | None = None) -> TrainResult:
+        """Train until the step budget is spent or a callback asks to stop.
+
+        ``resume_from``: a state folder, or ``"latest"`` for the newest one of this output_name in
+        output_dir (training starts fresh when there is none).
+        """
+        settings = self.settings
+        os.makedirs(settings.output_dir, exist_ok=True)
+        accelerator = _make_accelerator(settings)
+        try:
+            return self._train(accelerator, resume_from)
+        finally:
+            if getattr(self, "compiled", None) is not None:
+                self.compiled.remove()  # the model computes eagerly again
+            accelerator.end_training()
+
+    # --- the loop -------------------------------------------------------------------------------
+
+    def _train(self, accelerator, resume_from: str | None) -> TrainResult:
+        settings, network, adapter = self.settings, self.network, self.adapter
+        self.accelerator = accelerator
+        rank, world = accelerator.process_index, accelerator.num_processes
+        device = accelerator.device
+
+        state_dir = self._resolve_resume(resume_from)
+        self.resumed_from = None if state_dir is None else os.path.abspath(state_dir)
+        self.state_saved_at = None
+        saved = _read_trainer_state(state_dir) if state_dir else None
+        seed = self._choose_seed(saved)
+        self.seed = seed
+        if saved is None:
+            _seed_global_rngs(seed, rank)
+
+        batches_per_epoch = self.dataset.num_batches(settings.batch_size)
+        self.batches_per_process = -(-batches_per_epoch // world)
+        self.steps_per_epoch = -(-self.batches_per_process // settings.gradient_accumulation_steps)
+        if settings.max_train_epochs is not None:
+            total_steps = settings.max_train_epochs * self.steps_per_epoch
+        else:
+            total_steps = settings.max_train_steps
+        self.total_steps = total_steps
+        self.batches_per_epoch = batches_per_epoch
+
+        mover = getattr(adapter, "to_device", None)
+        if callable(mover):
+            mover(device)
+        adapter.lora_root().requires_grad_(False)
+        adapter.set_gradient_checkpointing(settings.gradient_checkpointing)
+        network.to(device)
+        network.train()
+        if saved is not None:
+            self._restore_network(state_dir)
+        self.compiled = compile_for_training(adapter, network, settings)  # LoRA hooks attached: they are traced too
+
+        optimizer, self.optimizer_description = build_optimizer(
+            settings.optimizer_type, network.param_groups(settings.learning_rate), settings.learning_rate, settings.optimizer_args
+        )
+        scheduler = build_lr_scheduler(
+            settings.lr_scheduler, optimizer, total_steps, settings.lr_warmup_steps, settings.lr_decay_steps,
+            settings.lr_scheduler_num_cycles, settings.lr_scheduler_power, settings.lr_scheduler_min_lr_ratio,
+            settings.lr_scheduler_args, settings.lr_scheduler_timescale,
+        )
+        noise_generator = torch.Generator().manual_seed(_derive_seed(seed, "noise", rank))
+        progress = _Progress()
+        recent_losses: collections.deque[float] = collections.deque(maxlen=max(1, self.steps_per_epoch))
+        if saved is not None:
+            progress = self._restore(state_dir, saved, optimizer, scheduler, noise_generator, recent_losses)
+        self.optimizer, self.scheduler, self.noise_generator = optimizer, scheduler, noise_generator
+        prepared = accelerator.prepare(optimizer)
+        set_train_mode(optimizer)
+
+        self.started_at = time.time()
+        self.session_id = random.Random().randrange(2**31)
+        result = TrainResult(global_step=progress.global_step, start_step=progress.global_step, total_steps=total_steps,
+                             is_main_process=accelerator.is_main_process)
+        if accelerator.is_main_process:
+            _init_trackers(accelerator, settings, self._hyperparameters())
+            _call(self.callbacks, "on_start", progress.global_step, total_steps)
+
+        trainable = [param for param in network.parameters() if param.requires_grad]
+        histogram: list[torch.Tensor] = []
+        planned_epoch = None
+        while progress.global_step < total_steps:
+            if planned_epoch != progress.epoch:
+                plan, uniforms = self._epoch_plan(progress.epoch)
+                planned_epoch = progress.epoch
+            if progress.position >= len(plan):  # the data shrank since the state was saved
+                progress.epoch, progress.position = progress.epoch + 1, 0
+                continue
+            step_epoch = progress.epoch + 1
+            group = plan[progress.position: progress.position + settings.gradient_accumulation_steps]
+            step = progress.global_step + 1
+            micro_losses = []
+            for batch_number, indices in group:
+                u = None if uniforms is None else uniforms[batch_number][: len(indices)]
+                loss, loss_value, noise_levels = self._micro_step(indices, u, noise_generator, step)
+                accelerator.backward(loss / len(group))
+                micro_losses.append(loss_value)
+                if accelerator.is_main_process and accelerator.trackers:
+                    histogram.append(noise_levels)
+            step_loss = sum(micro_losses) / len(micro_losses)
+            self._optimizer_step(prepared, trainable, step)
+            lrs = group_learning_rates(optimizer)
+            if not accelerator.optimizer_step_was_skipped:
+                scheduler.step()
+            prepared.zero_grad(set_to_none=True)
+
+            progress.global_step = step
+            progress.position += len(group)
+            epoch_done = progress.position >= len(plan)
+            if epoch_done:
+                progress.epoch, progress.position = progress.epoch + 1, 0
+            result.global_step = step
+            result.losses.append(step_loss)
+            recent_losses.append(step_loss)
+            self._log_step(step, step_loss, recent_losses, lrs, histogram)
+
+            periodic = bool(settings.save_every_n_steps and step % settings.save_every_n_steps == 0)
+            periodic |= bool(epoch_done and settings.save_every_n_epochs and progress.epoch % settings.save_every_n_epochs == 0)
+            stop = step < total_steps and self._stop_requested()
+            if periodic or stop:
+                self._save_checkpoint(progress, recent_losses, result, step_epoch, with_state=settings.save_state or stop)
+            if stop:
+                self._flush_histogram(histogram, step)
+                result.interrupted = True
+                logger.info("Stopped at step %d on request; resume from %s.", step, result.last_state_dir)
+                return result
+
+        self._flush_histogram(histogram, progress.global_step)
+        self._save_final(progress, recent_losses, result)
+        return result
+
+    def _micro_step(self, indices: list[int], u, noise_generator: torch.Generator, step: int):
+        """Forward one batch; returns its (weighted, float32) loss, that loss averaged over the
+        processes as a float, and the noise levels drawn."""
+        accelerator, settings = self.accelerator, self.settings
+        batch = self.dataset.collate([self.dataset[index] for index in indices])
+        batch = {key: value.to(accelerator.device) for key, value in batch.items()}
+        latents = batch.pop("latents").float()
+        count = latents.shape[0]
+        latent_hw = tuple(latents.shape[-2:])
+        noise_levels = sample_noise_levels(settings.timesteps, count, latent_hw=latent_hw, generator=noise_generator, u=u)
+        boundary = getattr(self.adapter, "expert_boundary", None)
+        if boundary is not None and count > 1:  # one expert per batch (Wan 2.2 A14B)
+            noise_levels = same_expert_noise_levels(
+                noise_levels, boundary, lambda: sample_noise_levels(settings.timesteps, 1, latent_hw=latent_hw, generator=noise_generator)
+            )
+        noise = torch.randn(latents.shape, generator=noise_generator, dtype=torch.float32).to(accelerator.device)
+        t = noise_levels.to(accelerator.device)
+        noisy = noisy_latents(latents, noise, t)
+        target = self.adapter.velocity_target(latents, noise)
+        with accelerator.autocast():
+            prediction = self.adapter.predict_velocity(noisy, t, batch)
+        loss = flow_matching_loss(prediction, target, loss_weights(settings.timesteps, noise_levels).to(accelerator.device))
+        loss_value = self.accelerator.gather(loss.detach().reshape(1)).float().mean().item()
+        if not math.isfinite(loss_value):
+            self._raise_not_finite(step, "loss")
+        return loss, loss_value, noise_levels
+
+    def _optimizer_step(self, prepared, trainable: list[torch.nn.Parameter], step: int) -> None:
+        accelerator = self.accelerator
+        if accelerator.num_processes > 1:
+            for param in trainable:
+                if param.grad is None:
+                    param.grad = torch.zeros_like(param)
+                param.grad = accelerator.reduce(param.grad, reduction="mean")
+        norm = None
+        if self.settings.max_grad_norm > 0:
+            norm = accelerator.clip_grad_norm_(trainable, self.settings.max_grad_norm)
+        if accelerator.scaler is None:  # with a grad scaler, steps with inf/nan gradients are skipped instead
+            if norm is None:
+                grads = [param.grad.detach().float().norm() for param in trainable if param.grad is not None]
+                norm = torch.stack(grads).norm() if grads else torch.zeros(())
+            if not math.isfinite(float(norm)):
+                self._raise_not_finite(step, "gradient")
+        prepared.step()
+
+    def _raise_not_finite(self, step: int, what: str) -> None:
+        last = _last_good_checkpoint(self.settings, step)
+        where = f"the last good checkpoint is {last}" if last else "no checkpoint was saved before it"
+        raise MusubiError(
+            f"the {what} became NaN/inf at step {step}; training stopped before the weights were changed "
+            f"({where}). Lower learning_rate, or train in full precision (mixed_precision = 'no') or "
+            "with bf16 instead of fp16 (fp16 overflows easily), or lower max_grad_norm."
+        )
+
+    def _stop_requested(self) -> bool:
+        stop = bool(_call(self.callbacks, "should_stop", default=False))
+        if self.accelerator.num_processes > 1:
+            flag = torch.tensor([1.0 if stop and self.accelerator.is_main_process else 0.0], device=self.accelerator.device)
+            stop = bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
+        return stop
+
+    # --- data -----------------------------------------------------------------------------------
+
+    def _epoch_plan(self, epoch: int) -> tuple[list[tuple[int, list[int]]], torch.Tensor | None]:
+        """This process's (batch number, item indices) list of an epoch, and the epoch's stratified
+        uniforms (row j for batch number j) when num_timestep_buckets is set."""
+        generator = torch.Generator().manual_seed(_derive_seed(self.seed, "epoch", epoch))
+        batches = self.dataset.batches(self.settings.batch_size, generator)
+        uniforms = None
+        buckets = self.settings.timesteps.num_timestep_buckets
+        if buckets:
+            size = self.settings.batch_size
+            uniforms = stratified_uniforms(buckets, len(batches) * size, generator).reshape(len(batches), size)
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        # Every process gets the same number of batches; the last ones wrap around to the start.
+        numbers = [number % len(batches) for number in range(rank, self.batches_per_process * world, world)]
+        return [(number, batches[number]) for number in numbers], uniforms
+
+    # --- logging --------------------------------------------------------------------------------
+
+    def _log_step(self, step: int, loss: float, recent_losses, lrs: dict[str, float], histogram: list[torch.Tensor]) -> None:
+        accelerator = self.accelerator
+        if not accelerator.is_main_process:
+            return
+        if accelerator.trackers:
+            logs = {"loss/current": loss, "loss/average": sum(recent_losses) / len(recent_losses)}
+            logs.update({f"lr/{name}": value for name, value in lrs.items()})
+            accelerator.log(logs, step=step)
+            if step % HISTOGRAM_EVERY_N_STEPS == 0:
+                self._flush_histogram(histogram, step)
+        _call(self.callbacks, "on_step", step, loss, lrs)
+
+    def _flush_histogram(self, histogram: list[torch.Tensor], step: int) -> None:
+        if not histogram or not self.accelerator.is_main_process:
+            return
+        timesteps = (torch.cat(histogram) * 1000).numpy()
+        histogram.clear()
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.tracker.add_histogram("timesteps", timesteps, global_step=step)
+            elif tracker.name == "wandb":
+                import wandb
+
+                tracker.tracker.log({"timesteps": wandb.Histogram(timesteps)}, step=step)
+
+    def _hyperparameters(self) -> dict[str, Any]:
+        values = {}
+        for key, value in _flatten(self.settings.to_dict()).items():
+            if value is None:
+                continue
+            values[key] = value if isinstance(value, (int, float, str, bool)) else json.dumps(value)
+        values["seed"] = self.seed
+        values["total_steps"] = self.total_steps
+        return values
+
+    # --- saving ---------------------------------------------------------------------------------
+
+    def _save_checkpoint(self, progress: _Progress, recent_losses, result: TrainResult, step_epoch: int, with_state: bool) -> None:
+        """A LoRA file ``<name>-stepNNNNNN.safetensors`` and (with_state) its state folder."""
+        settings, step = self.settings, progress.global_step
+        rng_states = self._gather_rng_states() if with_state else None
+        if with_state:
+            self.state_saved_at = step  # known to every process, unlike the paths in result
+        if self.accelerator.is_main_process:
+            try:
+                if with_state:
+                    path = state_dir_path(settings.output_dir, settings.output_name, step)
+                    self._write_state(path, progress, recent_losses, rng_states)
+                    result.state_dirs.append(path)
+                lora_path = checkpoint_path(settings.output_dir, settings.output_name, step)
+                self._write_lora(lora_path, step, step_epoch)
+                result.checkpoints.append(lora_path)
+            except OSError as error:
+                raise MusubiError(f"could not write the checkpoint of step {step} in {settings.output_dir}: {error}. "
+                                  "Free disk space or check the folder's permissions.") from error
+            if settings.save_last_n_checkpoints:
+                prune_checkpoints(settings.output_dir, settings.output_name, settings.save_last_n_checkpoints, step)
+            _call(self.callbacks, "on_checkpoint", lora_path)
+        self.accelerator.wait_for_everyone()
+
+    def _save_final(self, progress: _Progress, recent_losses, result: TrainResult) -> None:
+        settings, step = self.settings, progress.global_step
+        path = state_dir_path(settings.output_dir, settings.output_name, step)
+        need_state = settings.save_state and self.state_saved_at != step and os.path.abspath(path) != self.resumed_from
+        rng_states = self._gather_rng_states() if need_state else None
+        if self.accelerator.is_main_process:
+            final = os.path.join(settings.output_dir, settings.output_name + ".safetensors")
+            try:
+                if need_state:
+                    self._write_state(path, progress, recent_losses, rng_states)
+                    result.state_dirs.append(path)
+                self._write_lora(final, step, max(1, math.ceil(step / max(1, self.steps_per_epoch))))
+            except OSError as error:
+                raise MusubiError(f"could not write the final LoRA to {settings.output_dir}: {error}. "
+                                  "Free disk space or check the folder's permissions.") from error
+            if settings.save_last_n_checkpoints and need_state:
+                prune_checkpoints(settings.output_dir, settings.output_name, settings.save_last_n_checkpoints, step)
+            result.final_lora_path = final
+            _call(self.callbacks, "on_checkpoint", final)
+        self.accelerator.wait_for_everyone()
+
+    def _write_lora(self, path: str, step: int, epoch: int) -> None:
+        """The LoRA as inference sees it: schedule-free optimizers switch to their averaged weights
+        for the write, and the training weights are put back exactly afterwards."""
+        settings = self.settings
+        metadata = self._metadata(step, epoch)
+        if is_schedule_free(self.optimizer):
+            training_weights = {key: value.detach().clone() for key, value in self.network.state_dict().items()}
+            with eval_mode(self.optimizer):
+                lora_formats.save_lora(self.network, path, format=settings.lora_format, dtype=settings.save_dtype, metadata=metadata)
+            with torch.no_grad():
+                for key, value in self.network.state_dict(keep_vars=True).items():
+                    value.copy_(training_weights[key])
+        else:
+            lora_formats.save_lora(self.network, path, format=settings.lora_format, dtype=settings.save_dtype, metadata=metadata)
+
+    def _write_state(self, path: str, progress: _Progress, recent_losses, rng_states: list[dict]) -> None:
+        settings = self.settings
+        trainer_state = {
+            "format": STATE_FORMAT,
+            "global_step": progress.global_step,
+            "epoch": progress.epoch,
+            "position": progress.position,
+            "seed": self.seed,
+            "total_steps": self.total_steps,
+            "num_processes": self.accelerator.num_processes,
+            "dataset_size": len(self.dataset),
+            "batches_per_epoch": self.batches_per_epoch,
+            "settings": settings.to_dict(),
+            "settings_hash": settings.settings_hash(),
+            "recent_losses": list(recent_losses),
+            "saved_at": time.time(),
+        }
+        files: dict[str, Callable[[str], None]] = {
+            NETWORK_FILE: lambda file: save_file(
+                {key: value.detach().to("cpu", torch.float32).contiguous() for key, value in self.network.state_dict().items()}, file
+            ),
+            OPTIMIZER_FILE: lambda file: torch.save(self.optimizer.state_dict(), file),
+            SCHEDULER_FILE: lambda file: torch.save(self.scheduler.state_dict(), file),
+            RNG_FILE: lambda file: torch.save(rng_states, file),
+        }
+        if self.accelerator.scaler is not None:
+            files[SCALER_FILE] = lambda file: torch.save(self.accelerator.scaler.state_dict(), file)
+        files[TRAINER_STATE_FILE] = lambda file: _write_json(file, trainer_state)
+        write_folder_atomically(path, files)
+
+    def _metadata(self, step: int, epoch: int) -> dict[str, str]:
+        settings, network, timesteps = self.settings, self.network, self.settings.timesteps
+        values = {
+            "session_id": self.session_id,
+            "training_started_at": self.started_at,
+            "output_name": settings.output_name,
+            "learning_rate": settings.learning_rate,
+            "num_train_items": len(self.dataset),
+            "num_batches_per_epoch": self.batches_per_epoch,
+            "num_epochs": math.ceil(self.total_steps / max(1, self.steps_per_epoch)),
+            "gradient_checkpointing": settings.gradient_checkpointing,
+            "gradient_accumulation_steps": settings.gradient_accumulation_steps,
+            "max_train_steps": self.total_steps,
+            "lr_warmup_steps": settings.lr_warmup_steps,
+            "lr_scheduler": settings.lr_scheduler,
+            "network_dropout": getattr(network, "dropout", None),
+            "mixed_precision": settings.mixed_precision,
+            "seed": self.seed,
+            "training_comment": settings.training_comment,
+            "optimizer": self.optimizer_description,
+            "max_grad_norm": settings.max_grad_norm,
+            "batch_size": settings.batch_size,
+            "weighting_scheme": timesteps.weighting_scheme,
+            "logit_mean": timesteps.logit_mean,
+            "logit_std": timesteps.logit_std,
+            "mode_scale": timesteps.mode_scale,
+            "timestep_sampling": timesteps.timestep_sampling,
+            "sigmoid_scale": timesteps.sigmoid_scale,
+            "discrete_flow_shift": timesteps.discrete_flow_shift,
+            "training_finished_at": time.time(),
+            "steps": step,
+            "epoch": epoch,
+        }
+        timestep_range = None
+        if timesteps.min_timestep is not None or timesteps.max_timestep is not None:
+            low = 0 if timesteps.min_timestep is None else timesteps.min_timestep
+            high = 1000 if timesteps.max_timestep is None else timesteps.max_timestep
+            timestep_range = (low, high)
+        return lora_formats.training_metadata(
+            network.preset, network.network_dim, network.network_alpha,
+            network_args=getattr(network, "network_args", None) or None, values=values,
+            title=settings.metadata_title or settings.output_name, timestamp=self.started_at,
+            author=settings.metadata_author, description=settings.metadata_description,
+            license=settings.metadata_license, tags=settings.metadata_tags, timestep_range=timestep_range,
+        )
+
+    def _gather_rng_states(self) -> list[dict]:
+        from accelerate.utils import gather_object
+
+        return gather_object([_capture_rng_state(self.noise_generator)])
+
+    # --- resuming -------------------------------------------------------------------------------
+
+    def _resolve_resume(self, resume_from: str | None) -> str | None:
+        settings = self.settings
+        if resume_from is None or resume_from == "":
+            return None
+        if resume_from == "latest":
+            latest = find_latest_state(settings.output_dir, settings.output_name)
+            if latest is None:
+                logger.info("resume = 'latest': no state of '%s' in %s yet; starting fresh.", settings.output_name, settings.output_dir)
+            return latest
+        if os.path.isfile(resume_from):
+            raise MusubiError(f"resume: {resume_from} is a file; give its state folder '<name>-stepNNNNNN-state' or 'latest'.")
+        if not os.path.isdir(resume_from):
+            raise MusubiError(f"resume: state folder {resume_from} not found; give a '<name>-stepNNNNNN-state' folder or 'latest'.")
+        if not os.path.isfile(os.path.join(resume_from, TRAINER_STATE_FILE)):
+            raise MusubiError(f"resume: {resume_from} is not a complete training state (no {TRAINER_STATE_FILE}).")
+        return resume_from
+
+    def _choose_seed(self, saved: dict | None) -> int:
+        requested = self.settings.seed
+        if saved is not None:
+            if requested is not None and requested != saved["seed"]:
+                warnings.warn(f"resume: the state was trained with seed {saved['seed']}; it is kept (seed {requested} ignored).", stacklevel=4)
+            return int(saved["seed"])
+        return requested if requested is not None else random.SystemRandom().randrange(2**32)
+
+    def _restore_network(self, state_dir: str) -> None:
+        weights = load_file(os.path.join(state_dir, NETWORK_FILE), device="cpu")
+        current = {key: tuple(value.shape) for key, value in self.network.state_dict().items()}
+        stored = {key: tuple(value.shape) for key, value in weights.items()}
+        if current != stored:
+            differing = sorted(set(current) ^ set(stored)) or sorted(k for k in current if current[k] != stored[k])
+            raise MusubiError(
+                f"resume: the state in {state_dir} holds a LoRA of another layout ({', '.join(differing[:4])} …); "
+                "network_dim, network_args and the model must be those of the interrupted run."
+            )
+        self.network.load_state_dict(weights)
+
+    def _restore(self, state_dir, saved, optimizer, scheduler, noise_generator, recent_losses) -> _Progress:
+        accelerator = self.accelerator
+        self._warn_about_changes(saved, state_dir)
+        try:
+            optimizer.load_state_dict(torch.load(os.path.join(state_dir, OPTIMIZER_FILE), map_location="cpu", weights_only=True))
+        except (ValueError, KeyError, RuntimeError) as error:
+            raise MusubiError(f"resume: the optimizer state in {state_dir} does not fit this optimizer ({error}); "
+                              "optimizer_type, optimizer_args and network_args must be those of the interrupted run.") from error
+        scheduler_state = torch.load(os.path.join(state_dir, SCHEDULER_FILE), map_location="cpu", weights_only=True)
+        if "lr_lambdas" in scheduler_state:
+            # The schedule's shape comes from the current settings (a longer run may have been asked for).
+            scheduler_state["lr_lambdas"] = [None] * len(scheduler_state["lr_lambdas"])
+        scheduler.load_state_dict(scheduler_state)
+        scaler_file = os.path.join(state_dir, SCALER_FILE)
+        if accelerator.scaler is not None and os.path.isfile(scaler_file):
+            accelerator.scaler.load_state_dict(torch.load(scaler_file, map_location="cpu", weights_only=True))
+        rng_states = torch.load(os.path.join(state_dir, RNG_FILE), map_location="cpu", weights_only=True)
+        rank = accelerator.process_index
+        _restore_rng_state(rng_states[rank % len(rng_states)], noise_generator)
+        recent_losses.extend(saved.get("recent_losses", []))
+        logger.info("Resumed from %s at step %d.", state_dir, saved["global_step"])
+        return _Progress(int(saved["global_step"]), int(saved["epoch"]), int(saved["position"]))
+
+    def _warn_about_changes(self, saved: dict, state_dir: str) -> None:
+        changes = []
+        facts = {
+            "dataset_size": len(self.dataset),
+            "num_processes": self.accelerator.num_processes,
+            "batches_per_epoch": self.batches_per_epoch,
+        }
+        for name, now in facts.items():
+            if saved.get(name) != now:
+                changes.append(f"{name} {saved.get(name)} → {now}")
+        if saved.get("settings_hash") != self.settings.settings_hash():
+            before = _flatten(saved.get("settings", {}))
+            after = _flatten(self.settings.result_settings())
+            for key, value in after.items():
+                if key == "seed" and value is None:
+                    continue  # no seed asked for: the state's seed is used
+                if key in before and before[key] != _plain(value):
+                    changes.append(f"{key} {before[key]!r} → {value!r}")
+        if changes:
+            warnings.warn(
+                f"resume from {state_dir}: {'; '.join(changes)}. Training continues, but it will not match an "
+                "uninterrupted run.",
+                stacklevel=5,
+            )
+
+
+# --- flow matching -----------------------------------------------------------------------------
+
+
+def noisy_latents(latents: torch.Tensor, noise: torch.Tensor, noise_level: torch.Tensor) -> torch.Tensor:
+    """x_t = (1 − t)·x0 + t·ε, with one t per sample."""
+    t = noise_level.to(latents.dtype).reshape(-1, *([1] * (latents.dim() - 1)))
+    return (1 - t) * latents + t * noise
+
+
+def flow_matching_loss(prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Mean over samples of (per-sample mean squared error × the sample's weight), in float32."""
+    error = F.mse_loss(prediction.float(), target.float(), reduction="none")
+    per_sample = error.reshape(error.shape[0], -1).mean(dim=1)
+    return apply_loss_weights(per_sample, weights.float()).mean()
+
+
+# --- checkpoints on disk -----------------------------------------------------------------------
+
+
+def checkpoint_path(output_dir: str, output_name: str, step: int) -> str:
+    return os.path.join(output_dir, f"{output_name}-step{step:06d}.safetensors")
+
+
+def state_dir_path(output_dir: str, output_name: str, step: int) -> str:
+    return os.path.join(output_dir, f"{output_name}-step{step:06d}-state")
+
+
+def list_checkpoints(output_dir: str, output_name: str) -> dict[int, dict[str, str]]:
+    """step -> {"lora": file, "state": folder} of the checkpoints of ``output_name`` (complete states only)."""
+    lora_pattern = re.compile(re.escape(output_name) + r"-step(\d{6,})\.safetensors")
+    state_pattern = re.compile(re.escape(output_name) + r"-step(\d{6,})-state")
+    found: dict[int, dict[str, str]] = {}
+    if not os.path.isdir(output_dir):
+        return found
+    for entry in os.listdir(output_dir):
+        path = os.path.join(output_dir, entry)
+        match = lora_pattern.fullmatch(entry)
+        if match and os.path.isfile(path):
+            found.setdefault(int(match.group(1)), {})["lora"] = path
+            continue
+        match = state_pattern.fullmatch(entry)
+        if match and os.path.isfile(os.path.join(path, TRAINER_STATE_FILE)):
+            found.setdefault(int(match.group(1)), {})["state"] = path
+    return found
+
+
+def find_latest_state(output_dir: str, output_name: str) -> str | None:
+    """The complete state folder of ``output_name`` with the highest step, or None."""
+    states = {step: entry["state"] for step, entry in list_checkpoints(output_dir, output_name).items() if "state" in entry}
+    return states[max(states)] if states else None
+
+
+def prune_checkpoints(output_dir: str, output_name: str, keep: int, current_step: int) -> list[str]:
+    """Delete all but the newest ``keep`` checkpoints up to ``current_step``; returns what was deleted.
+
+    Checkpoints after ``current_step`` (left over from an earlier, longer run) are not counted
+    and not touched.
+    """
+    checkpoints = list_checkpoints(output_dir, output_name)
+    steps = sorted(step for step in checkpoints if step <= current_step)
+    deleted = []
+    for step in steps[: max(0, len(steps) - keep)]:
+        entry = checkpoints[step]
+        if "lora" in entry:
+            os.remove(entry["lora"])
+            deleted.append(entry["lora"])
+        if "state" in entry:
+            shutil.rmtree(entry["state"])
+            deleted.append(entry["state"])
+    return deleted
+
+
+def _last_good_checkpoint(settings: TrainSettings, step: int) -> str | None:
+    checkpoints = list_checkpoints(settings.output_dir, settings.output_name)
+    earlier = [s for s in checkpoints if s < step]
+    if not earlier:
+        return None
+    entry = checkpoints[max(earlier)]
+    return entry.get("state") or entry.get("lora")
+
+
+def _write_json(path: str, values: dict) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(values, handle, indent=1, default=str)
+
+
+def _read_trainer_state(state_dir: str) -> dict:
+    path = os.path.join(state_dir, TRAINER_STATE_FILE)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            state = json.load(handle)
+    except (OSError, json.JSONDecodeError) as error:
+        raise MusubiError(f"resume: cannot read {path} ({error}).") from error
+    if state.get("format") != STATE_FORMAT:
+        raise MusubiError(f"resume: {state_dir} was written by another version (state format {state.get('format')}).")
+    return state
+
+
+def _flatten(values: dict) -> dict[str, Any]:
+    """Settings values with the nested timestep options lifted to the top level."""
+    flat = {key: value for key, value in values.items() if key != "timesteps"}
+    flat.update(values.get("timesteps", {}))
+    return flat
+
+
+# --- random state ------------------------------------------------------------------------------
+
+
+def _derive_seed(seed: int, *parts: Any) -> int:
+    """A seed for one purpose (noise of process r, data order of epoch e) from the run's seed."""
+    digest = hashlib.sha256(repr((int(seed),) + parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _seed_global_rngs(seed: int, rank: int) -> None:
+    value = _derive_seed(seed, "global", rank)
+    torch.manual_seed(value)
+    random.seed(value)
+    np.random.seed(value % 2**32)
+
+
+def _capture_rng_state(noise_generator: torch.Generator) -> dict[str, Any]:
+    version, internal, gauss = random.getstate()
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "noise": noise_generator.get_state(),
+        "python": {"version": version, "internal": list(internal), "gauss": gauss},
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _restore_rng_state(state: dict[str, Any], noise_generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    noise_generator.set_state(state["noise"])
+    python = state["python"]
+    random.setstate((python["version"], tuple(python["internal"]), python["gauss"]))
+    numpy_state = state["numpy"]
+    np.random.set_state((numpy_state["name"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["position"],
+                         numpy_state["has_gauss"], numpy_state["cached"]))
+    if "cuda" in state and torch.cuda.is_available():
+        saved = state["cuda"]
+        if len(saved) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(saved)
+
+
+# --- accelerate --------------------------------------------------------------------------------
+
+
+def tracker_names(settings: TrainSettings) -> list[str]:
+    """The trackers a run logs to: log_with, or TensorBoard when only logging_dir is given."""
+    log_with = settings.log_with or ("tensorboard" if settings.logging_dir else None)
+    return {"tensorboard": ["tensorboard"], "wandb": ["wandb"], "all": ["tensorboard", "wandb"], None: []}[log_with]
+
+
+def _make_accelerator(settings: TrainSettings):
+    """An Accelerator for this run. In a single process the shared accelerate state is reset
+    first, so several runs in one process (ComfyUI, tests) may differ in mixed precision."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    trackers = tracker_names(settings)
+    if "tensorboard" in trackers and importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
+        raise MusubiError("TensorBoard logging needs the tensorboard package: pip install tensorboard (or unset log_with/logging_dir).")
+    if "wandb" in trackers and importlib.util.find_spec("wandb") is None:
+        raise MusubiError(f"log_with {settings.log_with!r} needs the wandb package: pip install wandb, or use log_with = 'tensorboard'.")
+    project_dir = None
+    if settings.logging_dir:
+        project_dir = os.path.join(settings.logging_dir, (settings.log_prefix or "") + time.strftime("%Y%m%d%H%M%S"))
+        os.makedirs(project_dir, exist_ok=True)
+        if "wandb" in trackers:
+            os.environ.setdefault("WANDB_DIR", project_dir)
+    if PartialState._shared_state.get("num_processes", 1) == 1:  # never initialises the state itself
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
+    try:
+        return Accelerator(mixed_precision=settings.mixed_precision, log_with=trackers or None, project_dir=project_dir)
+    except (ValueError, RuntimeError) as error:
+        raise MusubiError(f"cannot set up training with mixed_precision {settings.mixed_precision!r}: {error}") from error
+
+
+def _init_trackers(accelerator, settings: TrainSettings, hyperparameters: dict[str, Any]) -> None:
+    if not accelerator.log_with:
+        return
+    accelerator.init_trackers(settings.log_tracker_name or DEFAULT_TRACKER_NAME, config=hyperparameters)
+
+
+def _call(callbacks, name: str, *args, default=None):
+    method = getattr(callbacks, name, None)
+    return method(*args) if callable(method) else default

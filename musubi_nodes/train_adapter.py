@@ -1,0 +1,237 @@
+"""The training engine's model adapter for a ComfyUI MODEL.
+
+ComfyUI turns each sample's CONDITIONING into model inputs with its own ``extra_conds``
+(Wan i2v image latents and CLIP-vision, Flux guidance and Kontext reference latents,
+Qwen-Image edit references, HunyuanVideo pooled text…), so every native architecture is
+trained exactly as it samples. The model returns the denoised estimate ``x − σ·v`` in float32;
+the velocity is recovered from it. The noise level handed to the model is the exact ``t``.
+"""
+
+from __future__ import annotations
+
+import collections
+import types
+
+import torch
+import torch.utils.checkpoint
+
+import comfy.model_management
+import comfy.sampler_helpers
+import comfy.samplers
+
+from ..musubi.architectures import COMFYUI_CLASSES
+from ..musubi.errors import MusubiError
+from ..musubi.training.adapter import flow_matching_velocity
+
+
+
+def architecture_of(model) -> str:
+    for cls in type(model.model).__mro__:
+        if cls.__name__ in COMFYUI_CLASSES:  # the class or one it derives from
+            return COMFYUI_CLASSES[cls.__name__]
+    raise MusubiError(
+        f"Train LoRA: {type(model.model).__name__} models are not supported; train Wan 2.1/2.2, "
+        "HunyuanVideo, FLUX.1 (Kontext) or Qwen-Image models."
+    )
+
+
+def make_weights_usable_by_autograd(module: torch.nn.Module) -> None:
+    """Loaders run under inference mode, and autograd refuses to save inference tensors for the
+    backward pass (core's trainer fails on fp32 HunyuanVideo/Flux for this reason): give every
+    such weight a normal copy, one tensor at a time. Call inside ``torch.inference_mode(False)``."""
+    for child in module.modules():
+        for name, tensor in list(child._parameters.items()):
+            if tensor is not None and tensor.is_inference():
+                child._parameters[name] = torch.nn.Parameter(tensor.clone(), requires_grad=False)
+        for name, tensor in list(child._buffers.items()):
+            if tensor is not None and tensor.is_inference():
+                child._buffers[name] = tensor.clone()
+
+
+def check_latent_layout(model, shapes: list[tuple[int, ...]]) -> None:
+    """Latents must be this model's own: its channel count and image (3-D) or video (4-D) layout."""
+    latent_format = model.model.latent_format
+    channels, dims = latent_format.latent_channels, latent_format.latent_dimensions + 1
+    for index, shape in enumerate(shapes):
+        if shape[0] != channels or len(shape) != dims:
+            kind = "video [C, T, H, W]" if dims == 4 else "image [C, H, W]"
+            raise MusubiError(
+                f"Train LoRA: sample {index} has a latent of shape {list(shape)}, but this "
+                f"{architecture_of(model)} model trains on {channels}-channel {kind} latents. Encode the "
+                "training images or videos with the model's own VAE (VAE Encode)."
+            )
+
+
+def block_keys(diffusion_model) -> list[tuple[str, int]]:
+    """The ("double_block"/"single_block", i) keys ComfyUI's block-replace patches use."""
+    keys = []
+    for attribute, kind in (("blocks", "double_block"), ("double_blocks", "double_block"),
+                            ("transformer_blocks", "double_block"), ("single_blocks", "single_block")):
+        blocks = getattr(diffusion_model, attribute, None)
+        if isinstance(blocks, torch.nn.ModuleList):
+            keys += [(kind, index) for index in range(len(blocks))]
+    return keys
+
+
+# ComfyUI's Flux-style blocks (Flux, HunyuanVideo) add to activations in place after saving them
+# for the backward pass, which autograd refuses (core's trainer fails on HunyuanVideo without
+# checkpointing for this reason). For them, tensors saved inside a block are kept as copies.
+IN_PLACE_BLOCKS = {"flux", "hunyuan_video"}
+
+
+def _copy_saved(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.clone()
+
+
+def _keep(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+def _run_block_keeping_saved_copies(args, extra):
+    with torch.autograd.graph.saved_tensors_hooks(_copy_saved, _keep):
+        return extra["original_block"](args)
+
+
+def frozen_closure(function):
+    """A copy of ``function`` whose closure variables keep the values they have now.
+
+    ComfyUI's Flux/HunyuanVideo forwards define each block's wrapper over the loop variable that
+    holds the block, so by the backward pass every wrapper would call the last block; a
+    checkpoint's recompute must call the block of its own forward.
+    """
+    closure = function.__closure__
+    if not closure:
+        return function
+    cells = []
+    for cell in closure:
+        try:
+            cells.append(types.CellType(cell.cell_contents))
+        except ValueError:  # a variable not yet assigned stays unassigned
+            cells.append(types.CellType())
+    copy = types.FunctionType(function.__code__, function.__globals__, function.__name__, function.__defaults__, tuple(cells))
+    copy.__kwdefaults__ = function.__kwdefaults__
+    return copy
+
+
+def _run_block_checkpointed(args, extra):
+    return torch.utils.checkpoint.checkpoint(frozen_closure(extra["original_block"]), args, use_reentrant=False)
+
+
+def _run_in_place_block_checkpointed(args, extra):
+    """Checkpointing for blocks that change saved activations in place (Flux, HunyuanVideo).
+
+    The non-reentrant checkpoint cannot replay such blocks; the reentrant one runs the forward
+    without saving anything and replays the block in the backward pass as an ordinary forward,
+    where saved tensors can be copies. Its inputs are cloned because blocks change them in place,
+    and a constant that requires grad makes the LoRA weights of the first block train too.
+    """
+    block = frozen_closure(extra["original_block"])
+    names = [name for name, value in args.items() if isinstance(value, torch.Tensor)]
+    others = {name: value for name, value in args.items() if name not in names}
+    output_names: list[str] = []
+
+    def run(_anchor, *tensors):
+        with torch.autograd.graph.saved_tensors_hooks(_copy_saved, _keep):
+            out = block({**others, **{name: tensor.clone() for name, tensor in zip(names, tensors)}})
+        output_names[:] = list(out)
+        return tuple(out[name] for name in output_names)
+
+    anchor = torch.zeros((), requires_grad=True)
+    outputs = torch.utils.checkpoint.checkpoint(run, anchor, *[args[name].clone() for name in names], use_reentrant=True)
+    return dict(zip(output_names, outputs))
+
+
+class ItemConditions:
+    """Each training item's CONDITIONING turned into model inputs by ComfyUI's own ``extra_conds``
+    — on demand, so a large dataset's conditionings never sit on the device all at once; the
+    most recently used ones are kept."""
+
+    def __init__(self, model, data, keep: int = 32):
+        self.model, self.data, self.keep = model, data, keep
+        self.cache: collections.OrderedDict[int, dict] = collections.OrderedDict()
+
+    def __getitem__(self, index: int) -> dict:
+        if index in self.cache:
+            self.cache.move_to_end(index)
+            return self.cache[index]
+        device = self.model.load_device
+        noise = self.data.latent(index).unsqueeze(0).float()
+        conds = comfy.sampler_helpers.convert_cond(self.data.conditioning(index))
+        conds = comfy.samplers.encode_model_conds(self.model.model.extra_conds, conds, noise, device, "positive",
+                                                  latent_image=noise)
+        model_conds = conds[0]["model_conds"]
+        encoded = {key: value.process_cond(batch_size=1, device=device, area=None) for key, value in model_conds.items()}
+        self.cache[index] = encoded
+        while len(self.cache) > self.keep:
+            self.cache.popitem(last=False)
+        return encoded
+
+
+class ComfyModelAdapter:
+    """Predicts velocities with a loaded ComfyUI model; each batch names its items by ``index``."""
+
+    def __init__(self, model, data):
+        self.model = model
+        self.base_model = model.model
+        self.architecture = architecture_of(model)
+        self.conditions = ItemConditions(model, data)
+        self.set_gradient_checkpointing(False)
+
+    @classmethod
+    def prepare(cls, model, data) -> "ComfyModelAdapter":
+        """Check the data fits the model, load the model and make its weights usable by autograd."""
+        check_latent_layout(model, [data.latent_shape(index) for index in range(len(data))])
+        comfy.model_management.load_models_gpu([model])
+        make_weights_usable_by_autograd(model.model.diffusion_model)
+        return cls(model, data)
+
+    def lora_root(self) -> torch.nn.Module:
+        return self.base_model.diffusion_model
+
+    def activate(self) -> None:
+        """Make sure this model is on its device (of two experts, ComfyUI may have offloaded it)."""
+        comfy.model_management.load_models_gpu([self.model])
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        in_place = self.architecture in IN_PLACE_BLOCKS
+        if enabled:
+            run = _run_in_place_block_checkpointed if in_place else _run_block_checkpointed
+        else:
+            run = _run_block_keeping_saved_copies if in_place else None
+        replace = {key: run for key in block_keys(self.base_model.diffusion_model)} if run else {}
+        self.transformer_options = {"patches_replace": {"dit": replace}} if replace else {}
+
+    def velocity_target(self, latents: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return flow_matching_velocity(latents, noise)
+
+    def predict_velocity(self, noisy_latents: torch.Tensor, noise_level: torch.Tensor, batch) -> torch.Tensor:
+        item_conds = [self.conditions[index] for index in batch["index"].tolist()]
+        sigma = noise_level.to(noisy_latents.device, torch.float32)
+        groups = concatenable_groups(item_conds)
+        if len(groups) == 1:
+            denoised = self._denoise(noisy_latents, sigma, item_conds)
+        else:  # e.g. captions of different token counts with their attention masks: one call per group
+            denoised = torch.empty(noisy_latents.shape, dtype=torch.float32, device=noisy_latents.device)
+            for rows in groups:
+                denoised[rows] = self._denoise(noisy_latents[rows], sigma[rows], [item_conds[row] for row in rows]).float()
+        shape = (-1,) + (1,) * (noisy_latents.dim() - 1)
+        return (noisy_latents.float() - denoised) / sigma.clamp(min=1e-4).reshape(shape)
+
+    def _denoise(self, noisy_latents, sigma, item_conds: list[dict]) -> torch.Tensor:
+        conds = comfy.samplers.cond_cat(item_conds)
+        return self.base_model.apply_model(noisy_latents, sigma, transformer_options=dict(self.transformer_options), **conds)
+
+
+def concatenable_groups(item_conds: list[dict]) -> list[list[int]]:
+    """Rows whose model inputs ComfyUI can batch together (its own ``can_concat`` rule), in order
+    of first appearance; a batch of equal captions is one group."""
+    groups: list[list[int]] = []
+    for row, conds in enumerate(item_conds):
+        for group in groups:
+            first = item_conds[group[0]]
+            if first.keys() == conds.keys() and all(first[key].can_concat(conds[key]) for key in conds):
+                group.append(row)
+                break
+        else:
+            groups.append([row])
+    return groups
