@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from .errors import MusubiError
+from .lora.presets import get_preset
 
 logger = logging.getLogger(__name__)
 
@@ -383,8 +384,6 @@ def compile_for_training(adapter: Any, network: Any, options: Any) -> CompiledRe
     settings = settings_from_options(options)
     if not settings.enabled:
         return None
-    from .lora.presets import get_preset
-
     preset = getattr(network, "preset", None) or get_preset(getattr(adapter, "architecture", "generic"))
     roots = [adapter.lora_root()]
     twins = getattr(adapter, "twin_lora_roots", None)

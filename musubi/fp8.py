@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -33,7 +32,6 @@ from .architectures import (
     SCALE_SUFFIX,
     WEIGHT_SUFFIX,
     WITH_GENERIC,
-    detect_architecture,
     resolve_architecture,
     strip_model_prefix,
 )

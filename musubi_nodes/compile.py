@@ -17,7 +17,7 @@ from comfy_api.latest import io
 from ..musubi.compile import CompiledRegions, CompileSettings, compile_regions
 from ..musubi.errors import MusubiError
 from ..musubi.lora.presets import GENERIC, get_preset
-from .train_adapter import architecture_of
+from .adapters.comfy_model import architecture_of
 
 NODE = "Compile Model (regional)"
 WRAPPER_KEY = "musubi_compile"

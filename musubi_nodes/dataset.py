@@ -19,10 +19,11 @@ from ..musubi.data.cache import CachedDataset, Encoders, build_cache
 from ..musubi.data.config import DatasetSpec, load_dataset_config
 from ..musubi.data.plan import VIDEO_ARCHITECTURES, plan_items
 from ..musubi.errors import MusubiError
-from ..musubi.data.frames import MODES
+from ..musubi.data.frames import MODES, normalize_target_frames
 from ..musubi.data.media import is_image_file, is_video_file
+from ..musubi.data.pixels import first_frame_video
 from ..musubi.data.text_embeddings import TextEmbedding, validate_for_architecture
-from .training_data import DatasetType
+from .train_settings import DatasetType
 
 NODE = "Training Dataset (images/videos)"
 ARCHITECTURES = list(COMFYUI_NATIVE)
@@ -202,8 +203,6 @@ def dataset_specs(source, width, height, enable_bucket, bucket_no_upscale, num_r
     if videos:
         if architecture not in VIDEO_ARCHITECTURES:
             raise MusubiError(f"{NODE}: {path} holds videos ({', '.join(videos[:5])}), but {architecture} trains on images only; remove them.")
-        from ..musubi.data.frames import normalize_target_frames
-
         specs.append(DatasetSpec(kind="video", target_frames=tuple(normalize_target_frames(frames)),
                                  frame_extraction=frame_extraction, frame_stride=frame_stride, frame_sample=frame_sample,
                                  max_frames=max_frames, **common))
@@ -258,8 +257,6 @@ def image_condition(vae, clip_vision, pixels: torch.Tensor, architecture: str) -
     """Core WanImageToVideo's concat latent (first frame, then gray) with its mask, stored as
     musubi-tuner stores it (``[4 mask + C, F, H, W]``, model space), and CLIP Vision Encode's
     penultimate states of the first frame."""
-    from ..musubi.data.pixels import first_frame_video
-
     latent = to_model_space(vae.encode(first_frame_video(pixels))[0].float().cpu(), architecture)
     given = torch.zeros((4, *latent.shape[1:]))
     given[:, :1] = 1.0  # musubi-tuner's layout: 4 mask channels (1 = the frame is given), then the latent

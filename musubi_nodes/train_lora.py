@@ -19,14 +19,14 @@ from ..musubi.lora.formats import from_canonical
 from ..musubi.training.loss_plot import render_loss_curve
 from ..musubi.lora.network import LoRANetwork
 from ..musubi.training.timesteps import TimestepSettings
-from ..musubi.training.loop import TrainCallbacks, Trainer, TrainSettings
+from ..musubi.training.loop import TrainCallbacks, Trainer
+from ..musubi.training.settings import TrainSettings
 from .timesteps import TimestepSettingsType
 from .paths import model_folder_root
-from .train_adapter import ComfyModelAdapter
-from .framepack_train import FramePackTrainingSettings, framepack_adapter, framepack_training_data
-from .training_data import DatasetType, TrainingItems, training_data_from_inputs
-from .train_settings import CheckpointSettings, NetworkSettings, OptimizerSettings
-from .train_settings import CompileSettingsType
+from .adapters import prepare_training
+from .adapters.training_data import training_data_from_inputs
+from .framepack_train import FramePackTrainingSettings
+from .train_settings import CheckpointSettings, CompileSettingsType, DatasetType, NetworkSettings, OptimizerSettings
 
 NODE = "Train LoRA"
 PROGRESS_EVENT = "musubi.train.progress"
@@ -114,14 +114,9 @@ class MusubiTrainLoRA(io.ComfyNode):
         with torch.inference_mode(False), torch.enable_grad():
             data = training_data_from_inputs(latents, conditioning, dataset)
             model = model.clone()
-            data = framepack_training_data(model, data, framepack_settings)  # FramePack: one item per section
-            adapter = framepack_adapter(model, data)  # None unless the model is FramePack
-            if adapter is None:
-                adapter = ComfyModelAdapter.prepare(model, data)
             if model_high_noise is not None:
                 model_high_noise = model_high_noise.clone()
-                adapter = ExpertPairAdapter(adapter, ComfyModelAdapter.prepare(model_high_noise, data), timestep_boundary)
-            dataset_view = TrainingItems(data, model.model.process_latent_in, adapter.architecture)
+            adapter, dataset_view = prepare_training(model, data, framepack_settings, model_high_noise, timestep_boundary)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)  # the LoRA's initial weights follow the seed too
                 network = LoRANetwork(adapter.lora_root(), adapter.architecture, **network_options)

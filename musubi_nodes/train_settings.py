@@ -15,6 +15,8 @@ NetworkSettings = io.Custom("MUSUBI_NETWORK_SETTINGS")
 OptimizerSettings = io.Custom("MUSUBI_OPTIMIZER_SETTINGS")
 CheckpointSettings = io.Custom("MUSUBI_CHECKPOINT_SETTINGS")
 CompileSettingsType = io.Custom("MUSUBI_COMPILE_SETTINGS")
+# A Training Dataset node's output, accepted by Train LoRA's ``dataset`` input.
+DatasetType = io.Custom("MUSUBI_DATASET")
 CATEGORY = "musubi/training"
 
 

@@ -27,7 +27,8 @@ from musubi.training.adapter import ToyAdapter, ToyBlock
 from musubi.training.timesteps import TimestepSettings
 from musubi.training.cli import add_cli_arguments
 from musubi.training.config import load_train_config
-from musubi.training.loop import Trainer, TrainSettings, flow_matching_loss
+from musubi.training.loop import Trainer, flow_matching_loss
+from musubi.training.settings import TrainSettings
 
 from test_train_cli import toy_cache
 from test_trainer import write_items

@@ -20,7 +20,7 @@ from musubi.data.config import DatasetSpec, load_dataset_config, parse_dataset_c
 from musubi.data.plan import plan_items
 from musubi.errors import MusubiError
 from musubi.data.frames import extract_windows, normalize_target_frames, resample_frame_indices
-from musubi.data.latent_cache import LatentCacheDataset
+from musubi.data.musubi_cache import open_cache_folder
 from musubi.training.adapter import ToyAdapter
 from musubi.data.text_embeddings import TextEmbedding
 
@@ -292,7 +292,7 @@ def wan_toy(**options):
 def test_the_headless_trainer_reads_the_cache_folder(folder, tmp_path, capsys):
     cache = tmp_path / "cache"
     build_cache(plan_items(_specs(folder, cache), "wan"), "wan", CountingEncoders())
-    dataset = LatentCacheDataset(str(cache))
+    dataset = open_cache_folder(str(cache))
     assert type(dataset).__name__ == "MusubiCacheFolder" and dataset.architecture == "wan"
     assert len(dataset) == 4
     item = dataset[0]

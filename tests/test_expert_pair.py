@@ -11,7 +11,8 @@ from musubi.data.latent_cache import write_latent_cache_item, LatentCacheDataset
 from musubi.lora.network import LoRANetwork
 from musubi.training.adapter import ToyAdapter
 from musubi.training.timesteps import TimestepSettings, sample_noise_levels
-from musubi.training.loop import Trainer, TrainSettings
+from musubi.training.loop import Trainer
+from musubi.training.settings import TrainSettings
 
 
 def test_boundary_accepts_noise_levels_and_timesteps_and_refuses_the_rest():

@@ -12,8 +12,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from musubi import cli, files as safetensors_io
+from musubi.architectures import detect_architecture
 from musubi.errors import MusubiError
-from musubi.fp8 import (check_not_prequantized, dequantize_state_dict, dequantize_weight, detect_architecture,
+from musubi.fp8 import (check_not_prequantized, dequantize_state_dict, dequantize_weight,
                         is_scaled_fp8_state_dict, quantize_file, quantize_state_dict, quantize_state_dict_with_report,
                         quantize_weight, scale_key_for, scale_shape, should_quantize)
 

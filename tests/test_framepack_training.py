@@ -15,13 +15,16 @@ from safetensors.torch import save_file
 from musubi.cli import main
 from musubi.errors import MusubiError
 from musubi.framepack.adapter import FramePackAdapter, from_checkpoint, from_musubi_cache, training_items, write_training_items
-from musubi.framepack.checkpoint import config_from_shapes, load_transformer
+from musubi.framepack.checkpoint import config_from_shapes
+from musubi.framepack.loading import load_transformer
 from musubi.data.latent_cache import LatentCacheDataset
+from musubi.data.musubi_cache import open_cache_folder
 from musubi.lora.formats import from_canonical, load_lora_state_dict, save_lora
 from musubi.lora.network import LoRANetwork
 from musubi.data.text_embeddings import TextEmbedding, save_text_embedding
 from musubi.data.memory import InMemoryLatentDataset
-from musubi.training.loop import Trainer, TrainSettings
+from musubi.training.loop import Trainer
+from musubi.training.settings import TrainSettings
 from tiny_checkpoints import FRAMEPACK_TINY_CONFIG, tiny_state_dict, write_tiny_checkpoint
 
 torch.set_num_threads(1)
@@ -187,7 +190,7 @@ def test_musubi_tuner_framepack_caches_become_training_items(adapter, tmp_path):
     safetensors.torch.save_file(cache, folder / "clip_00000-009_0064x0064_fp.safetensors")
     context, pooled, _ = conditioning()
     save_text_embedding(folder / "clip_fp_te.safetensors", TextEmbedding(context=context, pooled=pooled, architecture="framepack", extra={}))
-    dataset = LatentCacheDataset(folder)
+    dataset = open_cache_folder(folder)
     assert dataset.architecture == "framepack" and len(dataset) == 1
     from_folder = dataset[0]
     for key, value in item.items():

@@ -23,7 +23,9 @@ from musubi.lora.formats import load_lora_state_dict
 from musubi.lora.network import LoRANetwork
 from musubi.training.adapter import ToyAdapter, load_adapter
 from musubi.training.timesteps import TimestepSettings
-from musubi.training.loop import TrainCallbacks, Trainer, TrainSettings, find_latest_state
+from musubi.training.checkpoints import find_latest_state
+from musubi.training.loop import TrainCallbacks, Trainer
+from musubi.training.settings import TrainSettings
 
 torch.set_num_threads(1)
 

@@ -7,7 +7,8 @@ control images of edit models add ``latents_control_<i>_<F>x<H>x<W>_<dtype>``, W
 items ``latents_image_<F>x<H>x<W>_<dtype>`` (4 mask channels, then the first-frame latent) and
 ``clip_<dtype>`` (CLIP-vision states), as musubi-tuner names them. Per source file
 ``<basename>_<code>_te.safetensors`` holds the text-encoder output in musubi-tuner's layout
-(see :mod:`.text_embeddings`). So musubi-tuner trains from these caches and its caches are read here.
+(see :mod:`.text_embeddings`). So musubi-tuner trains from these caches and its caches are read here
+(the headless trainer reads such a folder through :mod:`.musubi_cache`).
 
 Each file written here also keeps, in the metadata key ``musubi_cache_key``, what it was made
 from: the source file (size, modification time, SHA-256), the VAE or text encoder, the bucket, the
@@ -29,7 +30,7 @@ import torch
 from .. import files
 from .plan import ARCHITECTURE_CODES, PlannedItem, latent_cache_name, text_cache_name
 from ..errors import MusubiError
-from .latent_cache import CONTEXT_KEY, LATENTS_KEY, CacheItem, LatentCacheDataset
+from .pixels import control_pixels, item_pixels
 from .text_embeddings import CAPTION_KEY, TextEmbedding, load_text_embedding, save_text_embedding
 
 CACHE_KEY = "musubi_cache_key"
@@ -38,8 +39,6 @@ _LATENT_KEY = re.compile(r"^latents_(\d+)x(\d+)x(\d+)_([a-z0-9_]+)$")
 _CONTROL_KEY = re.compile(r"^latents_control_(?:(\d+)_)?(\d+)x(\d+)x(\d+)_([a-z0-9_]+)$")
 _IMAGE_LATENT_KEY = re.compile(r"^latents_image_(\d+)x(\d+)x(\d+)_([a-z0-9_]+)$")
 _CLIP_KEY = re.compile(r"^clip_([a-z0-9_]+)$")
-_CACHE_NAME = re.compile(r"^(?P<key>.+)_(?P<w>\d{4,})x(?P<h>\d{4,})_(?P<code>[a-z0-9]+)\.safetensors$")
-_WINDOW = re.compile(r"_\d{5}-\d{3}$")
 
 
 @dataclass
@@ -90,8 +89,6 @@ def build_cache(items: list[PlannedItem], architecture: str, encoders: Encoders,
                 load_pixels: Callable[[PlannedItem], torch.Tensor] | None = None,
                 load_controls: Callable[[PlannedItem], list[torch.Tensor]] | None = None) -> tuple[list[CachedItem], CacheReport]:
     """Encode what is missing or stale, reuse the rest; return the cached items (in plan order)."""
-    from .pixels import control_pixels, item_pixels
-
     load_pixels = load_pixels or item_pixels
     load_controls = load_controls or control_pixels
     report = CacheReport()
@@ -267,13 +264,13 @@ def write_latent_cache(path: str, latent: torch.Tensor, architecture: str, item:
             tensors[latent_tensor_key(tensor, name)] = tensor
         else:
             tensors[f"{name}_{str(tensor.dtype).removeprefix('torch.')}"] = tensor
-    files = {source: file_signature(source) for source in [key["source"], *key["controls"]]}
+    signatures = {source: file_signature(source) for source in [key["source"], *key["controls"]]}
     metadata = {
         "architecture": ARCHITECTURE_CODES[architecture][1],
         "width": str(item.size[0]),
         "height": str(item.size[1]),
         "format_version": FORMAT_VERSION,
-        CACHE_KEY: json.dumps({**key, "files": files}),
+        CACHE_KEY: json.dumps({**key, "files": signatures}),
     }
     if item.frames is not None:
         metadata["frame_count"] = str(len(item.frames))
@@ -377,74 +374,3 @@ class CachedDataset:
 
     def text(self, index: int) -> TextEmbedding:
         return load_text_embedding(self.entries[index].text_path)
-
-
-# --- a cache folder for the headless trainer ------------------------------------------------------
-
-def is_musubi_cache_folder(directory: str) -> bool:
-    """True when the folder holds musubi-tuner-style caches (``*_<code>.safetensors`` + ``*_te``)."""
-    try:
-        names = os.listdir(directory)
-    except OSError:
-        return False
-    return any(name.endswith("_te.safetensors") for name in names) and any(_CACHE_NAME.match(name) for name in names)
-
-
-class MusubiCacheFolder(LatentCacheDataset):
-    """A musubi-tuner cache folder (written by musubi-tuner or by the dataset node) as the training
-    engine's dataset: ``latents`` from each latent cache, ``context`` (and ``pooled``) from the text
-    cache of its source file. Latent caches without a text cache are an error listing them."""
-
-    def __init__(self, directory: str):
-        self.directory = os.fspath(directory)
-        names = sorted(os.listdir(self.directory))
-        found: dict[str, list[tuple[str, str]]] = {}
-        for name in names:
-            match = _CACHE_NAME.match(name)
-            if match and not name.endswith("_te.safetensors") and not name.startswith("."):
-                found.setdefault(match.group("code"), []).append((name, match.group("key")))
-        codes = {code: arch for arch, (code, _) in ARCHITECTURE_CODES.items()}
-        known = {code: files for code, files in found.items() if code in codes}
-        if len(known) != 1:
-            listing = ", ".join(sorted(found)) or "none"
-            raise MusubiError(
-                f"data_dir {self.directory}: expected the latent caches of one architecture "
-                f"({', '.join(codes)}), found codes: {listing}."
-            )
-        [(code, files)] = known.items()
-        self.architecture = codes[code]
-        self.items: list[CacheItem] = []
-        self.text_paths: list[str] = []
-        missing = []
-        for name, key in files:
-            basename = _WINDOW.sub("", key)
-            text_path = os.path.join(self.directory, f"{basename}_{code}_te.safetensors")
-            if not os.path.isfile(text_path):
-                missing.append(name)
-                continue
-            path = os.path.join(self.directory, name)
-            shape, _ = read_latent_layout(path)
-            self.items.append(CacheItem(name[: -len(".safetensors")], path, shape))
-            self.text_paths.append(text_path)
-        if missing:
-            raise MusubiError(
-                f"data_dir {self.directory}: {len(missing)} latent cache(s) have no text cache "
-                f"(<name>_{code}_te.safetensors): {', '.join(missing[:10])}; cache their captions too."
-            )
-        if not self.items:
-            raise MusubiError(f"data_dir {self.directory}: no training items.")
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        item = self.items[index]
-        text = load_text_embedding(self.text_paths[index])
-        if self.architecture == "framepack":  # one section per file, with its history and indices
-            from ..framepack.adapter import from_musubi_cache
-
-            result = from_musubi_cache(dict(files.iter_tensors(item.path)), item.path)
-        else:
-            result = {LATENTS_KEY: read_latent(item.path)}
-            result.update(read_image_condition(item.path))  # Wan i2v: latents_image, clip
-        result[CONTEXT_KEY] = text.context
-        if text.pooled is not None:
-            result["pooled"] = text.pooled
-        return result

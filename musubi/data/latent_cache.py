@@ -41,18 +41,11 @@ class CacheItem:
 class LatentCacheDataset:
     """The items of one latent cache folder, all made for one architecture.
 
-    A folder in musubi-tuner's cache layout (``*_<arch>.safetensors`` latents with
-    ``*_<arch>_te.safetensors`` text caches, as musubi-tuner and the dataset node write them) is
-    read by :class:`.dataset_cache.MusubiCacheFolder` instead.
+    A folder in musubi-tuner's cache layout (``*_<code>.safetensors`` latents with
+    ``*_<code>_te.safetensors`` text caches, as musubi-tuner and the dataset node write them) is
+    read by :class:`.musubi_cache.MusubiCacheFolder`; :func:`.musubi_cache.open_cache_folder`
+    picks the right one for a folder.
     """
-
-    def __new__(cls, directory: str | None = None, *args, **kwargs):
-        if cls is LatentCacheDataset and directory is not None:
-            from .cache import MusubiCacheFolder, is_musubi_cache_folder
-
-            if is_musubi_cache_folder(os.fspath(directory)):
-                return super().__new__(MusubiCacheFolder)
-        return super().__new__(cls)
 
     def __init__(self, directory: str):
         directory = os.fspath(directory)

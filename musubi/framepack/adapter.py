@@ -17,7 +17,6 @@ forward per layout; items of equal layout (all F1 sections, say) share one forwa
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,13 +27,13 @@ from ..data import latent_cache
 from ..errors import MusubiError
 from ..training.adapter import flow_matching_velocity
 from . import training_sections as sections
-from .checkpoint import load_transformer
+from .cache_items import IMAGE_EMBEDS_KEY, from_musubi_cache  # noqa: F401 (from_musubi_cache re-exported)
+from .loading import load_transformer
 
 ARCHITECTURE = "framepack"
 CONTEXT_KEY = "context"
 CONTEXT_MASK_KEY = "context_mask"
 POOLED_KEY = "pooled"
-IMAGE_EMBEDS_KEY = "image_embeds"
 SECTION_KEYS = (sections.CLEAN_LATENTS_KEY, sections.HISTORY_2X_KEY, sections.HISTORY_4X_KEY) + sections.INDEX_KEYS
 REQUIRED_KEYS = (CONTEXT_KEY, POOLED_KEY, IMAGE_EMBEDS_KEY) + SECTION_KEYS
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -153,53 +152,6 @@ def from_checkpoint(dit: str | None = None, path: str | None = None, dtype: str 
     if dtype is not None and dtype not in DTYPES:
         raise MusubiError(f"FramePack model: dtype {dtype!r} is unknown; choose one of {', '.join(DTYPES)}.")
     return FramePackAdapter(load_transformer(checkpoint, DTYPES.get(dtype) if dtype else None), guidance_scale)
-
-
-# musubi-tuner's FramePack latent-cache keys (``<stem>_<F>x<H>x<W>_<dtype>`` for latents,
-# ``<stem>_<dtype>`` otherwise) and the names used here.
-_MUSUBI_LATENT_STEMS = {"latents": sections.TARGET_KEY, "latents_clean": sections.CLEAN_LATENTS_KEY,
-                        "latents_clean_2x": sections.HISTORY_2X_KEY, "latents_clean_4x": sections.HISTORY_4X_KEY}
-_MUSUBI_STEMS = {"latent_indices": sections.LATENT_INDICES_KEY, "clean_latent_indices": sections.CLEAN_INDICES_KEY,
-                 "clean_latent_2x_indices": sections.HISTORY_2X_INDICES_KEY,
-                 "clean_latent_4x_indices": sections.HISTORY_4X_INDICES_KEY, "image_embeddings": IMAGE_EMBEDS_KEY}
-_MUSUBI_LATENT_KEY = re.compile(r"^(latents(?:_clean(?:_2x|_4x)?)?)_\d+x\d+x\d+_[a-z0-9]+$")
-_MUSUBI_KEY = re.compile(r"^(latent_indices|clean_latent_indices|clean_latent_2x_indices|clean_latent_4x_indices|image_embeddings)_[a-z0-9]+$")
-
-
-def from_musubi_cache(tensors: Mapping[str, torch.Tensor], source: str = "the cache") -> dict[str, torch.Tensor]:
-    """A training item (without the text) from the tensors of one musubi-tuner FramePack latent cache
-    (``*_fp.safetensors``, one section each). One-frame caches store only the 2x/4x indices: their
-    history becomes zeros, as musubi-tuner's trainer fills it; caches made with ``--one_frame_no_2x``
-    or ``--one_frame_no_4x`` are refused (the diffusers transformer needs that history)."""
-    item: dict[str, torch.Tensor] = {}
-    for key, tensor in tensors.items():
-        match = _MUSUBI_LATENT_KEY.match(key)
-        if match:
-            item[_MUSUBI_LATENT_STEMS[match.group(1)]] = tensor
-            continue
-        match = _MUSUBI_KEY.match(key)
-        if match:
-            item[_MUSUBI_STEMS[match.group(1)]] = tensor
-    required = (sections.TARGET_KEY, sections.LATENT_INDICES_KEY, sections.CLEAN_LATENTS_KEY, sections.CLEAN_INDICES_KEY, IMAGE_EMBEDS_KEY)
-    missing = [key for key in required if key not in item]
-    if missing:
-        raise MusubiError(f"{source}: not a musubi-tuner FramePack latent cache (no {', '.join(missing)}); cache it with fpack_cache_latents.py.")
-    target = item[sections.TARGET_KEY]
-    for latents_key, indices_key, frames, option in (
-        (sections.HISTORY_2X_KEY, sections.HISTORY_2X_INDICES_KEY, sections.HISTORY_2X_FRAMES, "--one_frame_no_2x"),
-        (sections.HISTORY_4X_KEY, sections.HISTORY_4X_INDICES_KEY, sections.HISTORY_4X_FRAMES, "--one_frame_no_4x"),
-    ):
-        if indices_key not in item:
-            raise MusubiError(
-                f"{source}: cached with {option} (no {frames}-frame history); the diffusers FramePack transformer "
-                "needs it (diffusers issue #13588). Cache again without that option."
-            )
-        if latents_key not in item:
-            item[latents_key] = target.new_zeros((target.shape[0], frames, *target.shape[2:]))
-    item[sections.LATENT_INDICES_KEY] = item[sections.LATENT_INDICES_KEY].long()
-    for key in (sections.CLEAN_INDICES_KEY, sections.HISTORY_2X_INDICES_KEY, sections.HISTORY_4X_INDICES_KEY):
-        item[key] = item[key].long()
-    return item
 
 
 def training_items(

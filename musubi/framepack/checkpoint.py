@@ -1,16 +1,12 @@
-"""A FramePack transformer for training from the files users have: a diffusers-layout folder or one file.
+"""What a FramePack checkpoint's tensor shapes say about its config, and the names all its layouts share.
 
-Every FramePack checkpoint in circulation (lllyasviel's FramePackI2V_HY / FramePack_F1_I2V_HY
-folders of three shards with a ``config.json``, and the single-file bf16 conversions) uses the
-diffusers ``HunyuanVideoFramepackTransformer3DModel`` names, so the weights load without renaming.
-A single file has no config: it is read from the file's ``config`` metadata when present, and
-otherwise recovered from the tensor shapes. Shapes pin everything except the split of the
-attention head over the rotary axes, which is FramePack's (16, 56, 56) for its 128-wide heads.
+Single-file FramePack checkpoints often carry no config. Shapes pin everything except the split of
+the attention head over the rotary axes, which is FramePack's (16, 56, 56) for its 128-wide heads.
+Recognising and loading checkpoints is :mod:`.loading`'s, which builds on this module.
 """
 
 from __future__ import annotations
 
-import os
 import re
 from typing import Any
 
@@ -74,30 +70,3 @@ def config_from_shapes(state_dict: dict[str, torch.Tensor], source: str = "the c
         "image_proj_dim": up.shape[1] if up is not None else 1152,
         "has_clean_x_embedder": "clean_x_embedder.proj.weight" in state_dict,
     }
-
-
-def load_transformer(path: str, dtype: torch.dtype | None = None, node: str = "FramePack model"):
-    """The frozen FramePack transformer of a folder or single file, on the CPU, in ``dtype``
-    (default: the file's own). Files that are no usable FramePack weights (see :mod:`.loading`)
-    and files already quantized to fp8 are refused with what to load instead."""
-    from .loading import build_empty_transformer, inspect_source, read_state_dict
-
-    source = inspect_source(os.fspath(path), node)
-    if source.prequantized:
-        raise MusubiError(
-            f"{node}: {os.path.basename(source.path)} is already quantized to fp8; training from the command line "
-            "needs the bf16 (or fp16/fp32) FramePack checkpoint."
-        )
-    state_dict = read_state_dict(source)
-    if dtype is not None:
-        state_dict = {key: tensor.to(dtype) if tensor.is_floating_point() else tensor for key, tensor in state_dict.items()}
-    model = build_empty_transformer(source.config, source.path)
-    result = model.load_state_dict(state_dict, strict=False, assign=True)
-    if result.missing_keys or result.unexpected_keys:
-        parts = []
-        if result.missing_keys:
-            parts.append(f"missing {len(result.missing_keys)} (e.g. {', '.join(result.missing_keys[:3])})")
-        if result.unexpected_keys:
-            parts.append(f"unexpected {len(result.unexpected_keys)} (e.g. {', '.join(result.unexpected_keys[:3])})")
-        raise MusubiError(f"{node}: {source.path}: the weights do not fit a FramePack transformer of its config: {'; '.join(parts)}.")
-    return model.requires_grad_(False).eval()

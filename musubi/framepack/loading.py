@@ -1,4 +1,5 @@
-"""Which FramePack checkpoint a path is, judged from safetensors headers before any weight is read.
+"""Which FramePack checkpoint a path is, judged from safetensors headers before any weight is read,
+and the transformer loaded from it (:func:`load_transformer`).
 
 The layouts in circulation all use diffusers' unprefixed ``HunyuanVideoFramepackTransformer3DModel``
 names:
@@ -115,13 +116,13 @@ def _inspect_folder(path: str, node: str) -> FramePackSource:
             f"{node}: {folder} holds a {found or 'model without _class_name'}, not a FramePack transformer "
             f"({CLASS_NAME}); download lllyasviel/FramePackI2V_HY or FramePack_F1_I2V_HY."
         )
-    files = _shard_files(folder, node)
+    shards = _shard_files(folder, node)
     header: dict[str, tuple[str, tuple[int, ...]]] = {}
-    for file in files:
+    for file in shards:
         header.update(files.read_header(file)[0])
     _check_tensors(folder, header, node)
     _check_config_matches(folder, config, header, node)
-    return FramePackSource(folder, "folder", tuple(files), config, _is_prequantized(header), header)
+    return FramePackSource(folder, "folder", tuple(shards), config, _is_prequantized(header), header)
 
 
 def _shard_files(folder: str, node: str) -> list[str]:
@@ -256,3 +257,28 @@ def build_empty_transformer(config: dict[str, Any], source: str = "the checkpoin
             return HunyuanVideoFramepackTransformer3DModel(**transformer_options(config))
     except TypeError as error:
         raise MusubiError(f"{source}: its config does not fit diffusers' FramePack transformer ({error}).") from None
+
+
+def load_transformer(path: str, dtype: torch.dtype | None = None, node: str = "FramePack model"):
+    """The frozen FramePack transformer of a folder or single file, on the CPU, in ``dtype``
+    (default: the file's own). Files that are no usable FramePack weights (see :func:`inspect_source`)
+    and files already quantized to fp8 are refused with what to load instead."""
+    source = inspect_source(os.fspath(path), node)
+    if source.prequantized:
+        raise MusubiError(
+            f"{node}: {os.path.basename(source.path)} is already quantized to fp8; training from the command line "
+            "needs the bf16 (or fp16/fp32) FramePack checkpoint."
+        )
+    state_dict = read_state_dict(source)
+    if dtype is not None:
+        state_dict = {key: tensor.to(dtype) if tensor.is_floating_point() else tensor for key, tensor in state_dict.items()}
+    model = build_empty_transformer(source.config, source.path)
+    result = model.load_state_dict(state_dict, strict=False, assign=True)
+    if result.missing_keys or result.unexpected_keys:
+        parts = []
+        if result.missing_keys:
+            parts.append(f"missing {len(result.missing_keys)} (e.g. {', '.join(result.missing_keys[:3])})")
+        if result.unexpected_keys:
+            parts.append(f"unexpected {len(result.unexpected_keys)} (e.g. {', '.join(result.unexpected_keys[:3])})")
+        raise MusubiError(f"{node}: {source.path}: the weights do not fit a FramePack transformer of its config: {'; '.join(parts)}.")
+    return model.requires_grad_(False).eval()

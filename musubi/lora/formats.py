@@ -7,7 +7,7 @@ Three layouts name the same tensors of the LoRA on module ``blocks.0.self_attn.q
   on the module paths of the tree the LoRA was trained on. ComfyUI's core LoRA loader maps
   ``diffusion_model.<path>`` for every weight of every model, so each key is applied.
 * ``"musubi"`` (kohya): ``lora_unet_blocks_0_self_attn_q.lora_down.weight`` …, on musubi-tuner's
-  module names (HunyuanVideo's official names, see :mod:`.lora_presets`), so musubi-tuner and
+  module names (HunyuanVideo's official names, see :mod:`.presets`), so musubi-tuner and
   tools made for its files read it.
 * diffusers / PEFT (read only): ``transformer.<path>.lora_A.weight`` (down) / ``.lora_B.weight``
   (up), also with a ``diffusion_model.`` prefix; alpha usually absent, meaning ``α = r``.

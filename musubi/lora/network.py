@@ -8,7 +8,7 @@ That keeps the LoRA working on ComfyUI's layers, whose weights may live in anoth
 device than the computation, be fp8 with scales, carry ComfyUI's own LoRA patches, or be
 compiled with ``torch.compile``.
 
-Layer selection follows musubi-tuner (see :mod:`.lora_presets` for the per-family defaults):
+Layer selection follows musubi-tuner (see :mod:`.presets` for the per-family defaults):
 
 1. candidates are the Linear (and Conv2d/Conv3d) layers inside the preset's target blocks,
    named by their dotted path from the model root;

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ..key_value_args import parse_key_value_args
-from ..data.latent_cache import LatentCacheDataset
+from ..data.musubi_cache import open_cache_folder
 from ..lora.network import network_from_args
 from .adapter import load_adapter
 from .config import ConfigOption, TrainConfig, config_options, load_train_config
@@ -88,7 +88,7 @@ def run_cli(args: argparse.Namespace) -> int:
 def train_from_config(config: TrainConfig, callbacks: TrainCallbacks | None = None) -> TrainResult:
     """Build the adapter, the data and the LoRA of ``config`` and train."""
     adapter = load_adapter(config.model, dit=config.dit, **config.model_args)
-    dataset = LatentCacheDataset(config.data_dir)
+    dataset = open_cache_folder(config.data_dir)
     settings = config.settings
     if settings.seed is None and not config.resume:
         settings = dataclasses.replace(settings, seed=random.SystemRandom().randrange(2**32))

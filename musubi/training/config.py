@@ -26,7 +26,7 @@ from typing import Any, Mapping
 
 from ..errors import MusubiError
 from .timesteps import METHODS, WEIGHTING_SCHEMES, TimestepSettings, add_timestep_arguments
-from .loop import TrainSettings, check_option_value, option_fields
+from .settings import TrainSettings, check_option_value, option_fields
 
 try:
     import tomllib as _toml

@@ -17,7 +17,6 @@ gradients are averaged across processes before each step, and only the main proc
 from __future__ import annotations
 
 import collections
-import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -25,8 +24,6 @@ import logging
 import math
 import os
 import random
-import re
-import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -38,214 +35,35 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from ..lora import formats as lora_formats
-from ..compile import BACKEND_HELP, DYNAMIC_HELP, FULLGRAPH_HELP, MODE_HELP, MODES, compile_for_training, settings_from_options
+from ..compile import compile_for_training
 from ..errors import MusubiError
 from ..files import write_folder_atomically
 from .expert_pair import same_expert_noise_levels
-from ..key_value_args import parse_key_value_args
-from .schedulers import SCHEDULER_NAMES, build_lr_scheduler, parse_step_count
+from .schedulers import build_lr_scheduler
 from .adapter import check_adapter
+from .checkpoints import (
+    NETWORK_FILE,
+    OPTIMIZER_FILE,
+    RNG_FILE,
+    SCALER_FILE,
+    SCHEDULER_FILE,
+    STATE_FORMAT,
+    TRAINER_STATE_FILE,
+    checkpoint_path,
+    find_latest_state,
+    last_good_checkpoint,
+    prune_checkpoints,
+    read_trainer_state,
+    state_dir_path,
+    write_json,
+)
+from .settings import DEFAULT_TRACKER_NAME, TrainSettings, plain_value
 from .optimizers import build_optimizer, eval_mode, group_learning_rates, is_schedule_free, set_train_mode
-from .timesteps import TimestepSettings, apply_loss_weights, loss_weights, sample_noise_levels, stratified_uniforms
+from .timesteps import apply_loss_weights, loss_weights, sample_noise_levels, stratified_uniforms
 
 logger = logging.getLogger(__name__)
 
-MIXED_PRECISIONS = ("no", "fp16", "bf16")
-LOG_WITH = ("tensorboard", "wandb", "all")
-SAVE_PRECISIONS = {
-    "float": torch.float32, "fp32": torch.float32, "float32": torch.float32,
-    "fp16": torch.float16, "float16": torch.float16,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-}
-
-# Files of a state folder. trainer_state.json is written last: a folder without it is incomplete.
-STATE_FORMAT = 1
-NETWORK_FILE = "network.safetensors"
-OPTIMIZER_FILE = "optimizer.pt"
-SCHEDULER_FILE = "scheduler.pt"
-SCALER_FILE = "scaler.pt"
-RNG_FILE = "rng.pt"
-TRAINER_STATE_FILE = "trainer_state.json"
-
-DEFAULT_TRACKER_NAME = "network_train"
 HISTOGRAM_EVERY_N_STEPS = 50  # timestep histogram cadence (and once at the end)
-
-
-# --- option types ------------------------------------------------------------------------------
-
-_KIND_DESCRIPTIONS = {
-    "int": "an integer",
-    "float": "a number",
-    "bool": "true or false",
-    "str": "a string",
-    "key values": "a list of 'key=value' strings or a table",
-    "table": "a table of values",
-    "step count": "a step count, a ratio below 1 or a percentage string like '10%'",
-}
-
-
-def describe_kind(kind: str) -> str:
-    """Words for an option kind, as used in error messages."""
-    base = kind.removeprefix("optional ")
-    text = _KIND_DESCRIPTIONS[base]
-    return text + " (or unset)" if kind.startswith("optional ") else text
-
-
-def check_option_value(name: str, value: Any, kind: str) -> Any:
-    """Return ``value`` (an int becomes a float for number options) or raise MusubiError naming
-    the option, the expected type and the value. Strings are never read as numbers."""
-    optional = kind.startswith("optional ")
-    base = kind.removeprefix("optional ")
-    if value is None and (optional or base == "key values"):
-        return None
-    is_bool = isinstance(value, bool)
-    if base == "int" and isinstance(value, int) and not is_bool:
-        return value
-    if base == "float" and isinstance(value, (int, float)) and not is_bool:
-        return float(value)
-    if base == "bool" and is_bool:
-        return value
-    if base == "str" and isinstance(value, str):
-        return value
-    if base == "table" and isinstance(value, dict):
-        return value
-    if base == "step count" and (isinstance(value, (int, float, str)) and not is_bool):
-        parse_step_count(value, 10**12, name)
-        return value
-    if base == "key values" and isinstance(value, (str, list, tuple, dict)):
-        parse_key_value_args(value, name)
-        return value
-    message = f"{name} must be {describe_kind(kind)}, got {value!r} ({type(value).__name__})"
-    if base in ("int", "float") and isinstance(value, str) and _looks_numeric(value):
-        message += f"; write the number without quotes: {name} = {value.strip()}"
-    raise MusubiError(message + ".")
-
-
-def _looks_numeric(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
-def _option(default: Any, kind: str, help: str, choices: tuple | None = None, affects_result: bool = True):
-    return field(default=default, metadata={"kind": kind, "help": help, "choices": choices, "affects_result": affects_result})
-
-
-# --- settings ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    """The options of one training run (musubi-tuner's names). Call :meth:`validate` before use."""
-
-    output_dir: str | None = _option(None, "optional str", "folder for checkpoints, states and the final LoRA (required)", affects_result=False)
-    output_name: str = _option("lora", "str", "base name of the saved files", affects_result=False)
-    learning_rate: float = _option(2e-6, "float", "learning rate (LoRA typically 1e-4)")
-    optimizer_type: str = _option("AdamW", "str", "AdamW, AdamW8bit, Adafactor, Prodigy, *ScheduleFree, a torch.optim name or package.module.Class")
-    optimizer_args: Any = _option(None, "key values", "optimizer settings, e.g. ['weight_decay=0.01', 'betas=(0.9,0.99)']")
-    lr_scheduler: str = _option("constant", "str", "learning-rate schedule", choices=SCHEDULER_NAMES)
-    lr_warmup_steps: Any = _option(0, "step count", "warmup steps: a count, a ratio below 1, or '10%'")
-    lr_decay_steps: Any = _option(0, "step count", "decay steps of warmup_stable_decay: a count, a ratio below 1, or '10%'")
-    lr_scheduler_num_cycles: float = _option(1.0, "float", "restarts of cosine_with_restarts; cosine waves ×2 for the other cosine schedules")
-    lr_scheduler_power: float = _option(1.0, "float", "power of the polynomial schedule")
-    lr_scheduler_min_lr_ratio: float | None = _option(None, "optional float", "lowest lr as a ratio of the initial lr (cosine_with_min_lr, warmup_stable_decay, rex)")
-    lr_scheduler_timescale: int | None = _option(None, "optional int", "timescale of inverse_sqrt (default: the warmup steps)")
-    lr_scheduler_args: Any = _option(None, "key values", "extra schedule settings, e.g. ['rex_alpha=0.1']")
-    max_train_steps: int = _option(1600, "int", "optimizer steps to train (max_train_epochs wins when set)")
-    max_train_epochs: int | None = _option(None, "optional int", "epochs to train; overrides max_train_steps")
-    batch_size: int = _option(1, "int", "items per batch (items of one batch share a latent shape)")
-    gradient_accumulation_steps: int = _option(1, "int", "batches per optimizer step")
-    max_grad_norm: float = _option(1.0, "float", "clip the gradient norm to this value (0 = no clipping)")
-    mixed_precision: str = _option("no", "str", "autocast dtype of the forward pass", choices=MIXED_PRECISIONS)
-    gradient_checkpointing: bool = _option(False, "bool", "recompute activations in the backward pass to save memory", affects_result=False)
-    seed: int | None = _option(None, "optional int", "random seed (default: a random one, stored in the metadata and the state)")
-    save_every_n_steps: int | None = _option(None, "optional int", "save a checkpoint every N steps", affects_result=False)
-    save_every_n_epochs: int | None = _option(None, "optional int", "save a checkpoint every N epochs", affects_result=False)
-    save_last_n_checkpoints: int | None = _option(None, "optional int", "keep only the newest N checkpoints (LoRA files and states)", affects_result=False)
-    save_state: bool = _option(True, "bool", "save a resumable state folder with every checkpoint and at the end", affects_result=False)
-    save_precision: str | None = _option(None, "optional str", "dtype of saved LoRA files (default float32)", choices=tuple(SAVE_PRECISIONS), affects_result=False)
-    lora_format: str = _option("comfyui", "str", "key layout of saved LoRA files", choices=lora_formats.FORMATS, affects_result=False)
-    log_with: str | None = _option(None, "optional str", "tracker (default: tensorboard when logging_dir is set)", choices=LOG_WITH, affects_result=False)
-    logging_dir: str | None = _option(None, "optional str", "folder for tracker logs (one sub-folder per run)", affects_result=False)
-    log_prefix: str | None = _option(None, "optional str", "prefix of the run's log folder name", affects_result=False)
-    log_tracker_name: str | None = _option(None, "optional str", f"tracker project name (default {DEFAULT_TRACKER_NAME})", affects_result=False)
-    training_comment: str | None = _option(None, "optional str", "stored as ss_training_comment", affects_result=False)
-    metadata_title: str | None = _option(None, "optional str", "modelspec.title (default: output_name)", affects_result=False)
-    metadata_author: str | None = _option(None, "optional str", "modelspec.author", affects_result=False)
-    metadata_description: str | None = _option(None, "optional str", "modelspec.description", affects_result=False)
-    metadata_license: str | None = _option(None, "optional str", "modelspec.license", affects_result=False)
-    metadata_tags: str | None = _option(None, "optional str", "modelspec.tags", affects_result=False)
-    dynamo_backend: str = _option("NO", "str", BACKEND_HELP, affects_result=False)
-    dynamo_mode: str | None = _option(None, "optional str", MODE_HELP, choices=MODES, affects_result=False)
-    dynamo_fullgraph: bool = _option(False, "bool", FULLGRAPH_HELP, affects_result=False)
-    dynamo_dynamic: bool = _option(False, "bool", DYNAMIC_HELP, affects_result=False)
-    timesteps: TimestepSettings = field(default_factory=TimestepSettings)
-
-    def validate(self) -> "TrainSettings":
-        """Raise MusubiError naming the first bad option; return self."""
-        for option in option_fields():
-            value = check_option_value(option.name, getattr(self, option.name), option.metadata["kind"])
-            choices = option.metadata["choices"]
-            if choices and value is not None and value not in choices:
-                raise MusubiError(f"{option.name}: {value!r} is not a choice; choose one of {', '.join(choices)}.")
-        if not isinstance(self.timesteps, TimestepSettings):
-            raise MusubiError(f"timesteps must be TimestepSettings, got {type(self.timesteps).__name__}.")
-        self.timesteps.validate()
-        settings_from_options(self).validate()
-        if not self.output_dir:
-            raise MusubiError("output_dir is required: the folder where checkpoints and the final LoRA go.")
-        if not self.output_name or os.sep in self.output_name or (os.altsep and os.altsep in self.output_name):
-            raise MusubiError(f"output_name must be a plain file name without folders, got {self.output_name!r}.")
-        if not (math.isfinite(self.learning_rate) and self.learning_rate >= 0):
-            raise MusubiError(f"learning_rate must be a finite number ≥ 0, got {self.learning_rate}.")
-        if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0):
-            raise MusubiError(f"max_grad_norm must be a finite number ≥ 0 (0 = no clipping), got {self.max_grad_norm}.")
-        for name in ("max_train_steps", "batch_size", "gradient_accumulation_steps"):
-            if getattr(self, name) < 1:
-                raise MusubiError(f"{name} must be at least 1, got {getattr(self, name)}.")
-        for name in ("max_train_epochs", "save_every_n_steps", "save_every_n_epochs", "save_last_n_checkpoints"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise MusubiError(f"{name} must be at least 1 (or unset), got {value}.")
-        if self.log_with in ("tensorboard", "all") and not self.logging_dir:
-            raise MusubiError(f"log_with {self.log_with!r} writes TensorBoard logs: set logging_dir too.")
-        return self
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-friendly values (the timestep options nested under ``timesteps``)."""
-        values = {option.name: _plain(getattr(self, option.name)) for option in option_fields()}
-        values["timesteps"] = self.timesteps.to_dict()
-        return values
-
-    def result_settings(self) -> dict[str, Any]:
-        """The values that change the trained weights (not the saving or logging ones)."""
-        values = {option.name: _plain(getattr(self, option.name)) for option in option_fields() if option.metadata["affects_result"]}
-        values["timesteps"] = self.timesteps.to_dict()
-        return values
-
-    def settings_hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.result_settings(), sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-    @property
-    def save_dtype(self) -> torch.dtype:
-        return SAVE_PRECISIONS[self.save_precision or "float"]
-
-
-def option_fields() -> list[dataclasses.Field]:
-    """The plain options of :class:`TrainSettings` (all but the nested timestep settings)."""
-    return [option for option in dataclasses.fields(TrainSettings) if "kind" in option.metadata]
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, tuple):
-        return [_plain(item) for item in value]
-    if isinstance(value, list):
-        return [_plain(item) for item in value]
-    if isinstance(value, dict):
-        return {str(key): _plain(item) for key, item in value.items()}
-    return value
 
 
 # --- results and callbacks ---------------------------------------------------------------------
@@ -352,7 +170,7 @@ class Trainer:
         state_dir = self._resolve_resume(resume_from)
         self.resumed_from = None if state_dir is None else os.path.abspath(state_dir)
         self.state_saved_at = None
-        saved = _read_trainer_state(state_dir) if state_dir else None
+        saved = read_trainer_state(state_dir) if state_dir else None
         seed = self._choose_seed(saved)
         self.seed = seed
         if saved is None:
@@ -503,7 +321,7 @@ class Trainer:
         prepared.step()
 
     def _raise_not_finite(self, step: int, what: str) -> None:
-        last = _last_good_checkpoint(self.settings, step)
+        last = last_good_checkpoint(self.settings, step)
         where = f"the last good checkpoint is {last}" if last else "no checkpoint was saved before it"
         raise MusubiError(
             f"the {what} became NaN/inf at step {step}; training stopped before the weights were changed "
@@ -660,7 +478,7 @@ class Trainer:
         }
         if self.accelerator.scaler is not None:
             files[SCALER_FILE] = lambda file: torch.save(self.accelerator.scaler.state_dict(), file)
-        files[TRAINER_STATE_FILE] = lambda file: _write_json(file, trainer_state)
+        files[TRAINER_STATE_FILE] = lambda file: write_json(file, trainer_state)
         write_folder_atomically(path, files)
 
     def _metadata(self, step: int, epoch: int) -> dict[str, str]:
@@ -792,7 +610,7 @@ class Trainer:
             for key, value in after.items():
                 if key == "seed" and value is None:
                     continue  # no seed asked for: the state's seed is used
-                if key in before and before[key] != _plain(value):
+                if key in before and before[key] != plain_value(value):
                     changes.append(f"{key} {before[key]!r} → {value!r}")
         if changes:
             warnings.warn(
@@ -816,88 +634,6 @@ def flow_matching_loss(prediction: torch.Tensor, target: torch.Tensor, weights: 
     error = F.mse_loss(prediction.float(), target.float(), reduction="none")
     per_sample = error.reshape(error.shape[0], -1).mean(dim=1)
     return apply_loss_weights(per_sample, weights.float()).mean()
-
-
-# --- checkpoints on disk -----------------------------------------------------------------------
-
-
-def checkpoint_path(output_dir: str, output_name: str, step: int) -> str:
-    return os.path.join(output_dir, f"{output_name}-step{step:06d}.safetensors")
-
-
-def state_dir_path(output_dir: str, output_name: str, step: int) -> str:
-    return os.path.join(output_dir, f"{output_name}-step{step:06d}-state")
-
-
-def list_checkpoints(output_dir: str, output_name: str) -> dict[int, dict[str, str]]:
-    """step -> {"lora": file, "state": folder} of the checkpoints of ``output_name`` (complete states only)."""
-    lora_pattern = re.compile(re.escape(output_name) + r"-step(\d{6,})\.safetensors")
-    state_pattern = re.compile(re.escape(output_name) + r"-step(\d{6,})-state")
-    found: dict[int, dict[str, str]] = {}
-    if not os.path.isdir(output_dir):
-        return found
-    for entry in os.listdir(output_dir):
-        path = os.path.join(output_dir, entry)
-        match = lora_pattern.fullmatch(entry)
-        if match and os.path.isfile(path):
-            found.setdefault(int(match.group(1)), {})["lora"] = path
-            continue
-        match = state_pattern.fullmatch(entry)
-        if match and os.path.isfile(os.path.join(path, TRAINER_STATE_FILE)):
-            found.setdefault(int(match.group(1)), {})["state"] = path
-    return found
-
-
-def find_latest_state(output_dir: str, output_name: str) -> str | None:
-    """The complete state folder of ``output_name`` with the highest step, or None."""
-    states = {step: entry["state"] for step, entry in list_checkpoints(output_dir, output_name).items() if "state" in entry}
-    return states[max(states)] if states else None
-
-
-def prune_checkpoints(output_dir: str, output_name: str, keep: int, current_step: int) -> list[str]:
-    """Delete all but the newest ``keep`` checkpoints up to ``current_step``; returns what was deleted.
-
-    Checkpoints after ``current_step`` (left over from an earlier, longer run) are not counted
-    and not touched.
-    """
-    checkpoints = list_checkpoints(output_dir, output_name)
-    steps = sorted(step for step in checkpoints if step <= current_step)
-    deleted = []
-    for step in steps[: max(0, len(steps) - keep)]:
-        entry = checkpoints[step]
-        if "lora" in entry:
-            os.remove(entry["lora"])
-            deleted.append(entry["lora"])
-        if "state" in entry:
-            shutil.rmtree(entry["state"])
-            deleted.append(entry["state"])
-    return deleted
-
-
-def _last_good_checkpoint(settings: TrainSettings, step: int) -> str | None:
-    checkpoints = list_checkpoints(settings.output_dir, settings.output_name)
-    earlier = [s for s in checkpoints if s < step]
-    if not earlier:
-        return None
-    entry = checkpoints[max(earlier)]
-    return entry.get("state") or entry.get("lora")
-
-
-def _write_json(path: str, values: dict) -> None:
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(values, handle, indent=1, default=str)
-
-
-def _read_trainer_state(state_dir: str) -> dict:
-    path = os.path.join(state_dir, TRAINER_STATE_FILE)
-    try:
-        with open(path, encoding="utf-8") as handle:
-            state = json.load(handle)
-    except (OSError, json.JSONDecodeError) as error:
-        raise MusubiError(f"resume: cannot read {path} ({error}).") from error
-    if state.get("format") != STATE_FORMAT:
-        raise MusubiError(f"resume: {state_dir} was written by another version (state format {state.get('format')}).")
-    return state
 
 
 def _flatten(values: dict) -> dict[str, Any]:

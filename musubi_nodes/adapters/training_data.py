@@ -11,16 +11,10 @@ from __future__ import annotations
 from typing import Protocol, runtime_checkable
 
 import torch
-from comfy_api.latest import io
-
-from ..musubi.errors import MusubiError
-from ..musubi.data.latent_cache import CacheItem, LatentCacheDataset
+from ...musubi.errors import MusubiError
+from ...musubi.data.latent_cache import CacheItem, LatentCacheDataset
 
 NODE = "Train LoRA"
-
-# The type of a dataset node's output, accepted by Train LoRA's ``dataset`` input.
-DatasetType = io.Custom("MUSUBI_DATASET")
-
 
 @runtime_checkable
 class TrainingData(Protocol):

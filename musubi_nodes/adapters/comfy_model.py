@@ -19,9 +19,9 @@ import comfy.model_management
 import comfy.sampler_helpers
 import comfy.samplers
 
-from ..musubi.architectures import COMFYUI_CLASSES
-from ..musubi.errors import MusubiError
-from ..musubi.training.adapter import flow_matching_velocity
+from ...musubi.architectures import COMFYUI_CLASSES
+from ...musubi.errors import MusubiError
+from ...musubi.training.adapter import flow_matching_velocity
 
 
 
