@@ -3,9 +3,13 @@
 Chromium (Debian's ``chromium`` package, or ``$MUSUBI_CHROMIUM``) is driven over the Chrome
 DevTools Protocol with aiohttp, which ComfyUI itself needs — no browser download and no extra
 Python package. For each UI workflow the page calls ``app.loadGraphData`` and the test checks
-that no "missing nodes" dialog or error toast appears, that every node type is registered, and
-that the frontend's own ``graphToPrompt`` gives exactly the workflow's ``.api.json`` twin. It
-also checks that this pack's web extensions register and add their widgets without errors.
+that no "missing nodes" dialog or error toast appears, that the frontend builds every node (its
+type is registered, ``LiteGraph.createNode`` gives a node, and after loading it is neither marked
+``has_errors`` nor the frontend's placeholder for a node it could not create), and that the
+frontend's own ``graphToPrompt`` gives exactly the workflow's ``.api.json`` twin. Nodes that the
+frontend cannot build fail with one message naming each (``workflow: node id, type, why``) before
+any API-format comparison. It also checks that this pack's web extensions register and add their
+widgets without errors.
 
 Screenshots (one per workflow) go to ``$MUSUBI_TEST_ARTIFACTS/browser/`` when that variable is
 set, else to pytest's temporary folder; the folder is printed in the test's output.
@@ -27,7 +31,8 @@ import pytest
 
 from comfy_server import PACK_NAME, REPO_ROOT
 
-pytestmark = [pytest.mark.comfyui, pytest.mark.browser]
+# Every test that needs the server and Chromium is marked ``comfyui`` and ``browser`` one by one:
+# the unit test of the unbuilt-node message needs neither and runs everywhere.
 
 BROWSER_SKIP_REASON = (
     "headless Chromium not found: install it (Debian: apt-get install -y chromium) or point "
@@ -36,6 +41,12 @@ BROWSER_SKIP_REASON = (
 WORKFLOWS = REPO_ROOT / "workflows"
 UI_WORKFLOWS = sorted(path for path in WORKFLOWS.glob("*.json") if not path.name.endswith(".api.json"))
 EXTENSIONS = {"musubi.PostHocEMAMerge", "musubi.TrainLossCurve"}
+# The control graphs: a type nobody registered, and a registered type whose constructor throws.
+UNKNOWN_TYPE = "MusubiNoSuchNode"
+THROWING_TYPE = "MusubiThrowingNode"
+# ComfyUI's optional requirements: without them core nodes such as UpscaleModelLoader do not load,
+# and the frontend cannot build loaders such as VAELoader either.
+OPTIONAL_REQUIREMENTS = "kornia, spandrel"
 
 
 def find_chromium() -> str | None:
@@ -114,20 +125,59 @@ class DevToolsPage:
         return found
 
 
-# What the page reports after loading a graph: open dialogs, error toasts, the node types it does
-# not know, and the API prompt the frontend itself would queue.
+# What the page reports after loading a graph: open dialogs, error toasts, what became of each
+# node of the workflow, and the API prompt the frontend itself would queue.
+#
+# Per node (``built``): whether its type is registered; what the loaded graph holds under its id
+# (frontend 1.27 puts a bare LGraphNode with ``has_errors`` and ``last_serialization`` in place of
+# a node whose type it cannot create); and, only for a node that did not load properly, what
+# ``LiteGraph.createNode`` gives for its type (with the constructor's error, if it throws).
 _INSPECT = """
 (async () => {
   const visible = (selector) => [...document.querySelectorAll(selector)]
       .filter((e) => e.offsetParent !== null).map((e) => e.innerText.slice(0, 400));
   const workflow = %s;
-  const unknown = workflow.nodes.map((n) => n.type).filter((t) => !(t in LiteGraph.registered_node_types));
+  const subgraphTypes = new Set((workflow.definitions?.subgraphs || []).map((s) => s.id));
+  const built = workflow.nodes.map((n) => {
+    const type = String(n.type);
+    const registered = type in LiteGraph.registered_node_types || subgraphTypes.has(type);
+    const node = app.graph.getNodeById(n.id);
+    const loaded = node ? {
+      type: String(node.type), hasErrors: !!node.has_errors,
+      placeholder: !!node.last_serialization || (!subgraphTypes.has(type) && node.constructor !== LiteGraph.registered_node_types[node.type]),
+      comfyClass: node.comfyClass ?? null, virtual: !!node.isVirtualNode || subgraphTypes.has(type),
+    } : null;
+    let created = null;
+    if (registered && !subgraphTypes.has(type) && (!loaded || loaded.placeholder || loaded.hasErrors)) {
+      try {
+        created = LiteGraph.createNode(type) ? "a node" : "nothing";
+      } catch (error) {
+        created = "an exception: " + String(error).slice(0, 300);
+      }
+      if (created === "nothing") {
+        try {
+          new LiteGraph.registered_node_types[type](type);
+        } catch (error) {
+          created = "nothing (its constructor throws " + String(error).slice(0, 300) + ")";
+        }
+      }
+    }
+    return {id: n.id, type, registered, loaded, created};
+  });
   const prompt = (await app.graphToPrompt()).output;
   for (const node of Object.values(prompt)) delete node._meta;
   const widgets = {};
   for (const node of app.graph._nodes) widgets[node.id] = {type: node.type, names: (node.widgets || []).map((w) => w.name)};
-  return {dialogs: visible(".p-dialog"), errorToasts: visible(".p-toast-message-error"), unknown,
+  return {dialogs: visible(".p-dialog"), errorToasts: visible(".p-toast-message-error"), built,
           nodeCount: app.graph._nodes.length, prompt, widgets};
+})()
+"""
+
+# A node type whose constructor always throws, so LiteGraph.createNode gives nothing for it.
+_REGISTER_THROWING_TYPE = """
+(() => {
+  function %s() { throw new Error("this constructor fails on purpose"); }
+  LiteGraph.registerNodeType(%s, %s);
 })()
 """
 
@@ -198,11 +248,17 @@ async def _inspect_workflows(page: DevToolsPage, url: str, artifacts: Path) -> d
         await page.evaluate("app.extensionManager?.command?.execute?.('Comfy.Canvas.FitView')")
         await asyncio.sleep(0.3)
         await page.screenshot(artifacts / f"{path.stem}.png")
-    # The detector itself: a graph with an unknown node type must raise the missing-nodes dialog.
-    broken = json.loads(UI_WORKFLOWS[0].read_text())
-    broken["nodes"].append({**broken["nodes"][0], "id": 9999, "type": "MusubiNoSuchNode", "inputs": [], "outputs": []})
-    report["control"] = await _load(page, broken, "broken.json")
     report["extension_errors"] = page.errors_from(f"/extensions/{PACK_NAME}/")
+    # The detectors themselves: a graph with an unknown node type must raise the missing-nodes
+    # dialog, and both controls must be named by the check for nodes the frontend cannot build.
+    broken = json.loads(UI_WORKFLOWS[0].read_text())
+    broken["nodes"].append({**broken["nodes"][0], "id": 9999, "type": UNKNOWN_TYPE, "inputs": [], "outputs": []})
+    report["control"] = await _load(page, broken, "broken.json")
+    await page.evaluate(_REGISTER_THROWING_TYPE % (THROWING_TYPE, json.dumps(THROWING_TYPE), THROWING_TYPE))
+    throwing = json.loads(UI_WORKFLOWS[0].read_text())
+    throwing["nodes"].append({**throwing["nodes"][0], "id": 9998, "type": THROWING_TYPE, "inputs": [], "outputs": []})
+    report["throwing_control"] = await _load(page, throwing, "throwing.json")
+    await page.evaluate(f"LiteGraph.unregisterNodeType({json.dumps(THROWING_TYPE)})")
     return report
 
 
@@ -226,7 +282,67 @@ def browser_report(request, browser_artifacts, tmp_path_factory) -> dict:
     report = asyncio.run(_check_in_browser(chromium, comfy.url, tmp_path_factory.mktemp("chromium-profile"), browser_artifacts))
     report["seconds"] = time.monotonic() - started
     report["object_info"] = comfy.object_info()
+    report["startup_log"] = comfy.startup_log
     return report
+
+
+def why_not_built(node: dict) -> str | None:
+    """Why the frontend could not build one node of a loaded workflow (``None``: it could)."""
+    reasons = []
+    loaded = node["loaded"]
+    if not node["registered"]:
+        reasons.append("its type is not registered in the frontend (LiteGraph.registered_node_types; "
+                       "the server's /object_info does not offer it)")
+    elif node["created"] is not None and node["created"] != "a node":
+        reasons.append(f"LiteGraph.createNode gives {node['created']}")
+    if loaded is None:
+        reasons.append("the loaded graph has no node with this id")
+    else:
+        if loaded["placeholder"] and loaded["hasErrors"]:
+            reasons.append("it was loaded as the frontend's has_errors placeholder for a node it cannot create")
+        elif loaded["placeholder"]:
+            reasons.append("it was loaded as the frontend's placeholder for a node it cannot create")
+        elif loaded["hasErrors"]:
+            reasons.append("it is marked has_errors after loading")
+        if not loaded["virtual"] and not loaded["comfyClass"] and not loaded["placeholder"]:
+            reasons.append("it has no comfyClass, so its API prompt would have no class_type")
+    return "; ".join(reasons) or None
+
+
+def unbuilt_nodes_message(loaded_workflows: dict[str, list[dict]], startup_log: str = "") -> str | None:
+    """One message naming every node the frontend could not build (``None`` when there is none).
+
+    ``loaded_workflows`` maps a workflow's name to the page's ``built`` list for it; lines of
+    ComfyUI's start-up log about node modules that failed to import are quoted at the end.
+    """
+    lines, types = [], set()
+    for name, nodes in loaded_workflows.items():
+        for node in nodes:
+            why = why_not_built(node)
+            if why:
+                lines.append(f"  {name}: node {node['id']}, {node['type']}, {why}")
+                types.add(node["type"])
+    if not lines:
+        return None
+    message = [f"the ComfyUI frontend cannot build {len(lines)} node(s) of the shipped workflows:", *lines]
+    core = sorted(t for t in types if not t.startswith("Musubi"))
+    if core:
+        message.append(
+            f"Core ComfyUI nodes among them ({', '.join(core)}): ComfyUI's optional requirements "
+            f"({OPTIONAL_REQUIREMENTS}) may be missing from the Python that runs the server; without them "
+            "core nodes such as UpscaleModelLoader do not load and loaders such as VAELoader cannot be "
+            "built in the frontend. Install ComfyUI's requirements.txt into that Python."
+        )
+    ours = sorted(types - set(core))
+    if ours:
+        message.append(
+            f"This pack's nodes among them ({', '.join(ours)}): the pack may have failed to import "
+            "(see ComfyUI's log), or the workflow names a node the pack no longer has."
+        )
+    failures = [line.strip() for line in startup_log.splitlines() if "Cannot import" in line or "IMPORT FAILED" in line]
+    if failures:
+        message += ["ComfyUI's log reports:", *(f"  {line}" for line in failures[:20])]
+    return "\n".join(message)
 
 
 def _declared_inputs_only(prompt: dict, object_info: dict) -> dict:
@@ -252,17 +368,76 @@ def _differences(queued: dict, twin: dict) -> list[str]:
     return found
 
 
+def test_the_unbuilt_node_message_names_an_unknown_type_and_points_core_loaders_at_optional_requirements():
+    registered = {"registered": True, "created": None,
+                  "loaded": {"type": "VAELoader", "hasErrors": False, "placeholder": False, "comfyClass": "VAELoader", "virtual": False}}
+    placeholder = {"hasErrors": True, "placeholder": True, "comfyClass": None, "virtual": False}
+    graph = [
+        {"id": 3, "type": "VAELoader", **registered},
+        {"id": 4, "type": "Note", "registered": True, "created": None,
+         "loaded": {"type": "Note", "hasErrors": False, "placeholder": False, "comfyClass": None, "virtual": True}},
+        {"id": 7, "type": UNKNOWN_TYPE, "registered": False, "created": None, "loaded": {"type": UNKNOWN_TYPE, **placeholder}},
+    ]
+    assert unbuilt_nodes_message({"demo": graph[:2]}) is None
+    message = unbuilt_nodes_message({"demo": graph})
+    assert f"demo: node 7, {UNKNOWN_TYPE}, its type is not registered" in message
+    assert "has_errors placeholder" in message
+    assert "node 3" not in message and "node 4" not in message
+    assert "optional requirements" not in message
+
+    upscaler = {"id": 12, "type": "UpscaleModelLoader", "registered": False, "created": None,
+                "loaded": {"type": "UpscaleModelLoader", **placeholder}}
+    thrower = {"id": 13, "type": THROWING_TYPE, "registered": True, "created": "nothing (its constructor throws Error: no)",
+               "loaded": {"type": THROWING_TYPE, **placeholder}}
+    log = "Cannot import /c/comfy_extras/nodes_upscale_model.py module for custom nodes: No module named 'spandrel'"
+    message = unbuilt_nodes_message({"demo": graph[:2], "upscale": [upscaler], "other": [thrower]}, log)
+    assert message.splitlines()[0].endswith("2 node(s) of the shipped workflows:")
+    assert "upscale: node 12, UpscaleModelLoader, its type is not registered" in message
+    assert f"other: node 13, {THROWING_TYPE}, LiteGraph.createNode gives nothing (its constructor throws" in message
+    assert f"optional requirements ({OPTIONAL_REQUIREMENTS})" in message and "No module named 'spandrel'" in message
+
+
+@pytest.mark.parametrize("control, node_id, node_type, why", [
+    ("control", 9999, UNKNOWN_TYPE, "its type is not registered"),
+    ("throwing_control", 9998, THROWING_TYPE, "LiteGraph.createNode gives nothing (its constructor throws"),
+], ids=["unknown type", "constructor throws"])
+@pytest.mark.comfyui
+@pytest.mark.browser
+def test_unbuilt_node_detector_fires_on_the_controls(browser_report, control, node_id, node_type, why):
+    message = unbuilt_nodes_message({control: browser_report[control]["built"]})
+    assert message is not None and f"{control}: node {node_id}, {node_type}, {why}" in message, message
+    assert "placeholder" in message, message
+    # ... and only that node: the rest of the workflow it was added to loads fine.
+    assert sum(f"{control}: node " in line for line in message.splitlines()) == 1, message
+
+
+@pytest.mark.comfyui
+@pytest.mark.browser
 def test_missing_node_detector_fires_on_an_unknown_node(browser_report):
     control = browser_report["control"]
-    assert control["unknown"] == ["MusubiNoSuchNode"]
-    assert any("MusubiNoSuchNode" in text for text in control["dialogs"]), control["dialogs"]
+    assert [node["type"] for node in control["built"] if not node["registered"]] == [UNKNOWN_TYPE]
+    assert any(UNKNOWN_TYPE in text for text in control["dialogs"]), control["dialogs"]
+
+
+@pytest.mark.comfyui
+@pytest.mark.browser
+def test_the_frontend_builds_every_node_of_every_workflow(browser_report):
+    loaded = {name: report["built"] for name, report in browser_report["workflows"].items()}
+    message = unbuilt_nodes_message(loaded, browser_report["startup_log"])
+    if message:
+        pytest.fail(message, pytrace=False)
 
 
 @pytest.mark.parametrize("path", UI_WORKFLOWS, ids=lambda p: p.stem)
+@pytest.mark.comfyui
+@pytest.mark.browser
 def test_workflow_loads_without_missing_nodes_and_queues_its_api_twin(browser_report, browser_artifacts, path):
     loaded = browser_report["workflows"][path.stem]
     workflow = json.loads(path.read_text())
-    assert loaded["unknown"] == []
+    # Nodes the frontend could not build have no class_type in the prompt: name them first.
+    message = unbuilt_nodes_message({path.stem: loaded["built"]}, browser_report["startup_log"])
+    if message:
+        pytest.fail(message, pytrace=False)
     assert loaded["dialogs"] == [], "a dialog opened on loading"
     assert loaded["errorToasts"] == []
     assert loaded["nodeCount"] == len(workflow["nodes"])
@@ -272,6 +447,8 @@ def test_workflow_loads_without_missing_nodes_and_queues_its_api_twin(browser_re
     assert (browser_artifacts / f"{path.stem}.png").stat().st_size > 10_000
 
 
+@pytest.mark.comfyui
+@pytest.mark.browser
 def test_pack_extensions_add_their_widgets_without_errors(browser_report):
     assert browser_report["extension_errors"] == []
     ema = browser_report["workflows"]["post_hoc_ema_merge"]["widgets"]
