@@ -9,7 +9,6 @@ through ``apply_model``, so LoRAs and wrappers on the MODEL take part.
 from __future__ import annotations
 
 import os
-from dataclasses import replace
 
 import comfy.model_management
 import comfy.model_patcher
@@ -19,18 +18,21 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..musubi.errors import MusubiError
-from ..musubi.framepack.calibration import paste_string, save_section_calibration
-from ..musubi.framepack.sampling import FramePackRun, MagCachePlan, SectionInputs, sample_video
+from ..musubi.framepack.calibration import (
+    MAGCACHE_MODES,
+    PUBLISHED_RATIOS,
+    magcache_plan,
+    paste_string,
+    published_key,
+    save_section_calibration,
+)
+from ..musubi.framepack.sampling import FramePackRun, SectionInputs, sample_video
 from ..musubi.framepack.sampling_sections import DIRECTIONS, sections_for_duration
-from ..musubi.magcache.core import MagCacheSettings, MagCacheState, default_calibration, load_calibration_json, parse_ratio_string
 from .framepack_model import FRAMEPACK_INPUTS, framepack_transformer
 from .magcache import MAGCACHE_FOLDER, magcache_folder_root
 from .paths import new_output_path
 
 NODE = "FramePack Sampler"
-MAGCACHE_MODES = ("on", "off", "calibrate")
-# Published curves offered by name; "auto" picks the FramePack or F1 one by direction.
-PUBLISHED_RATIOS = ("framepack", "framepack_f1", "framepack_musubi_default", "framepack_f1_musubi_doc_example")
 TEXT_WIDTH, POOLED_WIDTH, IMAGE_WIDTH = 4096, 768, 1152
 
 
@@ -84,33 +86,6 @@ def _start_latent(latent: dict, name: str = "start_latent") -> torch.Tensor:
     if samples.shape[-1] % 2 or samples.shape[-2] % 2:
         raise MusubiError(f"{NODE}: the {name} image must be a multiple of 16 pixels wide and high (latent {tuple(samples.shape[-2:])}).")
     return samples[:1, :, :1]
-
-
-def _magcache_plan(mode: str, direction: str, threshold: float, K: int, retention_ratio: float, ratios: str,
-                   pasted: str) -> tuple[MagCachePlan | None, str]:
-    if mode == "off":
-        return None, "MagCache off"
-    if mode == "calibrate":
-        return MagCachePlan(calibrate=True), "MagCache calibration (nothing skipped)"
-    settings = MagCacheSettings(threshold=threshold, K=K, retention_ratio=retention_ratio).validate()
-    if pasted and pasted.strip():
-        values = tuple(parse_ratio_string(pasted, "pasted_ratios"))
-        return MagCachePlan(make_state=lambda steps: MagCacheState.for_run(replace(settings, ratios=values), steps)), \
-            f"MagCache pasted ratios ({len(values)} values)"
-    key = ("framepack_f1" if direction == "f1" else "framepack") if ratios == "auto" else ratios
-    if key in PUBLISHED_RATIOS:
-        calibration = default_calibration(key)
-    else:
-        path = folder_paths.get_full_path(MAGCACHE_FOLDER, ratios)
-        if path is None:
-            raise MusubiError(f"{NODE}: ratios {ratios!r} is neither a published FramePack curve nor a file in models/{MAGCACHE_FOLDER}.")
-        calibration = load_calibration_json(path)
-        if calibration.architecture not in (None, "framepack"):
-            raise MusubiError(f"{NODE}: {ratios} was measured on a {calibration.architecture} model, not FramePack; calibrate FramePack with magcache = calibrate.")
-    if calibration.max_step_deviation is not None:
-        settings = replace(settings, max_step_deviation=calibration.max_step_deviation)
-    return (MagCachePlan(make_state=lambda steps: MagCacheState.for_run(settings, steps, calibration)),
-            f"MagCache ratios {key}, threshold {threshold:g}, K {K}, retention_ratio {retention_ratio:g}")
 
 
 class MusubiFramePackSampler(io.ComfyNode):
@@ -177,12 +152,13 @@ class MusubiFramePackSampler(io.ComfyNode):
             raise MusubiError(f"{NODE}: the model is a {type(model.model).__name__}, not FramePack; load it with Load FramePack DiT.")
         config = model.model.model_config.unet_config["framepack_config"]
         try:
-            plan, magcache_label = _magcache_plan(magcache, direction, magcache_threshold, magcache_K,
-                                                  magcache_retention_ratio, magcache_ratios, pasted_ratios)
+            plan, magcache_label = magcache_plan(
+                magcache, direction, steps, magcache_threshold, magcache_K, magcache_retention_ratio, magcache_ratios,
+                pasted_ratios, saved_path=folder_paths.get_full_path(MAGCACHE_FOLDER, magcache_ratios),
+                saved_folder=f"models/{MAGCACHE_FOLDER}",
+            )
         except MusubiError as error:
             raise MusubiError(str(error) if str(error).startswith(NODE) else f"{NODE}: {error}") from None
-        if magcache == "calibrate" and steps < 2:
-            raise MusubiError(f"{NODE}: a MagCache calibration needs at least 2 steps (ratios compare consecutive steps).")
         count = sections if sections > 0 else sections_for_duration(total_seconds, fps, latent_window_size)
         texts = {"cond": _text(positive, "positive", config)}
         if cfg != 1:
@@ -263,7 +239,7 @@ class MusubiFramePackSampler(io.ComfyNode):
             path = new_output_path(NODE, MAGCACHE_FOLDER, name, extension=".json")
             payload = save_section_calibration(path, result.recorders, steps, extra={
                 "direction": direction, "seed": seed, "cfg": cfg, "latent_shape": list(start.shape),
-                "published_counterpart": "framepack_f1" if direction == "f1" else "framepack",
+                "published_counterpart": published_key(direction),
             })
             listed = os.path.relpath(path, magcache_folder_root(path)).replace(os.sep, "/")
             lines.append(f"ratios: {paste_string(payload['ratios'])}")

@@ -1,17 +1,17 @@
 """MagCache nodes: a sampler that skips predictable model calls, its calibration, and a MODEL patch.
 
-The decisions and statistics live in :mod:`musubi.magcache.core`; how the model is hooked in lives in
-:mod:`.magcache_patch`. This module turns node options into those objects: which ratios a run
-uses (a published calibration picked by name or recognised from the model, a saved calibration
-file, or a pasted list), which Wan 2.2 A14B expert a run samples, and where calibrations go.
+The decisions and statistics live in :mod:`musubi.magcache`, and which ratios a run uses (a
+published calibration picked by name or recognised from the model, a saved calibration file, a
+pasted list, a Wan 2.2 A14B expert) in :mod:`musubi.magcache.choice`; how the model is hooked in
+lives in :mod:`.magcache_patch`. This module reads what those need off ComfyUI's objects (the
+model's class and config, the calibrations folder) and keeps the runs for the report.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import comfy.model_base
 import comfy.samplers
@@ -20,19 +20,16 @@ import nodes as comfy_core_nodes  # ComfyUI's own node module: common_ksampler i
 from comfy_api.latest import io, ui
 
 from ..musubi.errors import MusubiError
-from ..musubi.magcache.core import (
-    EXPERTS,
-    Calibration,
-    CalibrationRecorder,
-    MagCacheSettings,
-    MagCacheState,
-    default_calibration,
-    default_key_for,
-    expert_part,
-    list_default_models,
-    load_calibration_json,
-    parse_ratio_string,
+from ..musubi.magcache.choice import (
+    EXPERT_CHOICES,
+    ModelFacts,
+    RatioChoice,
+    auto_calibration_key,
+    choose_ratios,
+    recommended_settings_text,
 )
+from ..musubi.magcache.published import list_default_models
+from ..musubi.magcache.recorder import CalibrationRecorder
 from .magcache_patch import MagCacheRun, RunContext, RunPlan, block_layout, install
 from .paths import new_output_path
 
@@ -41,7 +38,6 @@ MAGCACHE_FOLDER = "magcache"
 SAMPLER_NODE = "MagCache Sampler"
 CALIBRATE_NODE = "Calibrate MagCache"
 PATCH_NODE = "MagCache (patch model)"
-EXPERT_CHOICES = ("auto", "none", *EXPERTS)
 
 
 def register_magcache_folder() -> None:
@@ -55,165 +51,42 @@ register_magcache_folder()
 
 
 # ---------------------------------------------------------------------------------------------
-# "auto": the published calibration of the model at hand
-# ---------------------------------------------------------------------------------------------
-
-# Widths of the released Wan networks; other widths (fine-tunes, test models) use the nearest.
-_WAN_SIZES = {"1.3B": 1536, "14B": 5120}
-# Pixel counts of the resolutions the published curves were measured at.
-_WAN_I2V_RESOLUTIONS = {"480p": 832 * 480, "720p": 1280 * 720}
-_HUNYUAN_RESOLUTIONS = {"544p": 960 * 544, "720p": 1280 * 720}
-_LATENT_TO_PIXELS = 8  # spatial compression of the Wan 2.1 and HunyuanVideo VAEs
-
-
-def _nearest(value: float, sizes: dict[str, float]) -> str:
-    """The name whose size is closest to ``value`` on a log scale (a ratio, not a difference)."""
-    return min(sizes, key=lambda name: abs(math.log(value / sizes[name])))
-
-
-def _resolution(latent_shape: tuple[int, ...] | None, resolutions: dict[str, int]) -> str:
-    if not latent_shape or len(latent_shape) < 4:
-        return next(iter(resolutions))
-    pixels = latent_shape[-1] * latent_shape[-2] * _LATENT_TO_PIXELS**2
-    return _nearest(pixels, resolutions)
-
-
-def auto_calibration_key(model_patcher, family: str, node: str, num_steps: int | None = None,
-                         latent_shape: tuple[int, ...] | None = None, has_denoise_mask: bool = False,
-                         has_reference_latents: bool = False) -> str:
-    """The published calibration for this model, as ratios "auto" picks it.
-
-    Wan: the network width chooses 1.3B or 14B (nearest released width), the input channels and
-    image embedding choose t2v, i2v (480p or 720p by the latent's size) or Wan 2.2 I2V A14B, VACE
-    and Wan 2.2 TI2V 5B (image-to-video when the latent carries a mask) are recognised by class.
-    HunyuanVideo: 544p or 720p by the latent's size. FLUX.1 and Qwen-Image: the Kontext / Edit
-    curve when the conditioning holds a reference latent. Wan 2.2 T2V A14B's experts cannot be
-    told from Wan 2.1 T2V 14B; pick ``wan2.2_t2v_A14B`` by name for them.
-    """
-    base = model_patcher.model
-    unet = dict(getattr(getattr(base, "model_config", None), "unet_config", None) or {})
-    if family == "wan":
-        key = default_key_for("wan", _wan_variant(base, unet, node, latent_shape, has_denoise_mask), num_steps)
-    elif family == "hunyuan_video":
-        if type(base) is not comfy.model_base.HunyuanVideo:
-            raise _unknown_model(node, type(base).__name__)
-        key = default_key_for("hunyuan_video", _resolution(latent_shape, _HUNYUAN_RESOLUTIONS), num_steps)
-    elif family == "flux":
-        key = default_key_for("flux_kontext" if has_reference_latents else "flux", None, num_steps)
-    elif family == "qwen_image":
-        key = default_key_for("qwen_image", "edit" if has_reference_latents else None, num_steps)
-    else:
-        raise _unknown_model(node, type(base).__name__)
-    return key
-
-
-def _wan_variant(base, unet: dict, node: str, latent_shape, has_denoise_mask: bool) -> str:
-    if isinstance(base, comfy.model_base.WAN22):
-        return "ti2v_5B_i2v" if has_denoise_mask else "ti2v_5B"
-    model_type = unet.get("model_type", "t2v")
-    size = _nearest(unet.get("dim") or _WAN_SIZES["1.3B"], _WAN_SIZES)
-    in_channels = unet.get("in_dim", 16)
-    if model_type == "vace":
-        return f"vace_{size}"
-    if model_type == "i2v":
-        return f"i2v_{_resolution(latent_shape, _WAN_I2V_RESOLUTIONS)}"
-    if model_type == "t2v" and in_channels == 16:
-        return f"t2v_{size}"
-    if model_type == "t2v" and in_channels == 36:  # image channels but no CLIP embedding: Wan 2.2 I2V A14B
-        return "i2v_A14B"
-    raise _unknown_model(node, f"{type(base).__name__} ({model_type}, {in_channels} input channels)")
-
-
-def _unknown_model(node: str, description: str) -> MusubiError:
-    return MusubiError(
-        f"{node}: ratios 'auto' knows no published calibration for this model ({description}). Calibrate it with "
-        f"'{CALIBRATE_NODE}' and pick the saved file in 'ratios', or pick a published calibration by name."
-    )
-
-
-def _calibration_family(calibration: Calibration) -> str:
-    if calibration.architecture:
-        return calibration.architecture
-    key = calibration.key
-    for prefix, family in (("wan", "wan"), ("hunyuan_video", "hunyuan_video"), ("framepack", "hunyuan_video"),
-                           ("flux", "flux"), ("qwen_image", "qwen_image")):
-        if key.startswith(prefix):
-            return family
-    return ""
-
-
-# ---------------------------------------------------------------------------------------------
 # From node options to one run's plan
 # ---------------------------------------------------------------------------------------------
 
 
+def model_facts(model_patcher, family: str) -> ModelFacts:
+    """What "auto" reads off a ComfyUI MODEL to recognise its published calibration."""
+    base = model_patcher.model
+    return ModelFacts(
+        family=family,
+        class_name=type(base).__name__,
+        config=dict(getattr(getattr(base, "model_config", None), "unet_config", None) or {}),
+        wan_ti2v=isinstance(base, comfy.model_base.WAN22),
+        hunyuan_video_t2v=type(base) is comfy.model_base.HunyuanVideo,
+    )
+
+
 @dataclass
 class MagCacheChoice:
-    """What a MagCache node asked for; turns into a plan when a sampling run starts."""
+    """What a MagCache node asked for; turns into a plan when a sampling run starts.
+
+    ``ratios`` is None for a calibration run (nothing skipped, every residual recorded).
+    """
 
     node: str
-    settings: MagCacheSettings = field(default_factory=MagCacheSettings)
-    ratios: str = "auto"
-    expert: str = "auto"
-    pasted: tuple[float, ...] | None = None
-    calibration: Calibration | None = None
-    calibrating: bool = False
+    ratios: RatioChoice | None = None
     keep_runs: bool = True
     runs: list[MagCacheRun] = field(default_factory=list)
 
     def plan_run(self, context: RunContext) -> RunPlan:
+        if self.ratios is None:
+            return RunPlan(label=f"calibration of a {context.family} model", recorder=CalibrationRecorder())
         try:
-            return self._plan(context)
+            label, state = self.ratios.state_for_run(model_facts(context.model_patcher, context.family), context.run)
         except MusubiError as error:
             raise _named(self.node, error) from None
-
-    def _plan(self, context: RunContext) -> RunPlan:
-        if self.calibrating:
-            return RunPlan(label=f"calibration of a {context.family} model", recorder=CalibrationRecorder())
-        if self.pasted is not None:
-            settings = replace(self.settings, ratios=self.pasted)
-            return RunPlan(label=f"pasted ratios ({len(self.pasted)} values)",
-                           state=MagCacheState.for_run(settings, context.num_steps))
-        calibration, label = self.calibration, f"ratios {self.ratios}"
-        if calibration is None:
-            key = auto_calibration_key(
-                context.model_patcher, context.family, self.node, context.num_steps, context.latent_shape,
-                context.has_denoise_mask, context.has_reference_latents,
-            )
-            calibration, label = default_calibration(key), f"ratios {key} (auto)"
-        expert = self._expert_for(calibration, context)
-        if expert is not None:
-            calibration = expert_part(calibration, expert)
-            label += f", {expert} expert"
-        settings = self.settings
-        if calibration.max_step_deviation is not None:
-            settings = replace(settings, max_step_deviation=calibration.max_step_deviation)
-        return RunPlan(label=label, state=MagCacheState.for_run(settings, context.num_steps, calibration))
-
-    def _expert_for(self, calibration: Calibration, context: RunContext) -> str | None:
-        if calibration.expert_switch_step is None:
-            if self.expert in EXPERTS:
-                raise MusubiError(
-                    f"expert '{self.expert}' needs a two-expert calibration, but {calibration.key!r} covers one network; "
-                    "pick wan2.2_t2v_A14B or wan2.2_i2v_A14B in 'ratios', or set expert to auto."
-                )
-            return None
-        if self.expert != "auto":
-            return None if self.expert == "none" else self.expert
-        # The high-noise expert samples from the top of the schedule and stops early; the
-        # low-noise expert starts part-way and ends at sigma 0.
-        starts_at_top = math.isclose(context.sigmas[0], context.sigma_max, rel_tol=1e-3)
-        ends_at_zero = context.sigmas[-1] == 0
-        if starts_at_top and not ends_at_zero:
-            return "high_noise"
-        if ends_at_zero and not starts_at_top:
-            return "low_noise"
-        if starts_at_top and ends_at_zero:
-            return None
-        raise MusubiError(
-            f"expert 'auto' cannot tell which Wan 2.2 A14B expert samples sigmas {context.sigmas[0]:.4g}…"
-            f"{context.sigmas[-1]:.4g}; set expert to high_noise or low_noise."
-        )
+        return RunPlan(label=label, state=state)
 
     def run_finished(self, run: MagCacheRun) -> None:
         logging.info(run.report())
@@ -231,65 +104,19 @@ def magcache_choice(node: str, model, threshold: float, retention_ratio: float, 
     """Check a node's MagCache options now, so mistakes show on the node that made them."""
     try:
         family = block_layout(model, node).family
-        settings = MagCacheSettings(threshold=threshold, K=K, retention_ratio=retention_ratio).validate()
-        if expert not in EXPERT_CHOICES:
-            raise MusubiError(f"expert must be one of {', '.join(EXPERT_CHOICES)}, got {expert!r}.")
-        choice = MagCacheChoice(node, settings, ratios, expert)
-        if pasted_ratios and pasted_ratios.strip():
-            if expert in EXPERTS:
-                raise MusubiError(
-                    f"expert '{expert}' selects part of a published two-expert calibration, but pasted_ratios replaces "
-                    "the calibration; paste the expert's own curve and set expert to auto."
-                )
-            choice.pasted = tuple(parse_ratio_string(pasted_ratios, "pasted_ratios"))
-            return choice
-        if ratios == "auto":
-            # An unknown model fails here, not inside the sampler.
-            recognised = default_calibration(auto_calibration_key(model, family, node))
-            if expert in EXPERTS and recognised.expert_switch_step is None:
-                raise MusubiError(
-                    f"expert '{expert}' needs a two-expert calibration, but 'auto' recognises this model as "
-                    f"{recognised.key!r}; pick wan2.2_t2v_A14B or wan2.2_i2v_A14B in 'ratios', or set expert to auto."
-                )
-        elif ratios in list_default_models():
-            choice.calibration = default_calibration(ratios)
-        else:
-            path = folder_paths.get_full_path(MAGCACHE_FOLDER, ratios)
-            if path is None:
-                raise MusubiError(
-                    f"ratios {ratios!r} is neither 'auto', a published calibration nor a file in models/{MAGCACHE_FOLDER}; "
-                    f"run '{CALIBRATE_NODE}' to make one."
-                )
-            choice.calibration = load_calibration_json(path)
-        if choice.calibration is not None:
-            measured_on = _calibration_family(choice.calibration)
-            if measured_on and measured_on != family:
-                raise MusubiError(
-                    f"ratios {ratios!r} were measured on a {measured_on} model but this model is {family}; pick a "
-                    f"calibration of this model or make one with '{CALIBRATE_NODE}'."
-                )
-            if expert in EXPERTS and choice.calibration.expert_switch_step is None:
-                raise MusubiError(
-                    f"expert '{expert}' needs a two-expert calibration, but {ratios!r} covers one network; pick "
-                    "wan2.2_t2v_A14B or wan2.2_i2v_A14B, or set expert to auto."
-                )
-        return choice
+        checked = choose_ratios(
+            model_facts(model, family), threshold, retention_ratio, K, ratios, expert, pasted_ratios,
+            saved_path=folder_paths.get_full_path(MAGCACHE_FOLDER, ratios), saved_folder=f"models/{MAGCACHE_FOLDER}",
+            calibrate_with=CALIBRATE_NODE,
+        )
     except MusubiError as error:
         raise _named(node, error) from None
+    return MagCacheChoice(node, checked)
 
 
 # ---------------------------------------------------------------------------------------------
 # Inputs shared by the nodes
 # ---------------------------------------------------------------------------------------------
-
-
-def _recommended_settings_text() -> str:
-    lines = []
-    for key in list_default_models():
-        calibration = default_calibration(key)
-        lines.append(f"{key}: threshold {calibration.threshold:g}, K {calibration.K}, retention_ratio "
-                     f"{calibration.retention_ratio:g} ({calibration.calibrated_steps} steps)")
-    return "\n".join(lines)
 
 
 def _sampling_inputs() -> list:
@@ -313,7 +140,7 @@ def _sampling_inputs() -> list:
 
 
 def _magcache_inputs() -> list:
-    recommended = _recommended_settings_text()
+    recommended = recommended_settings_text()
     saved = folder_paths.get_filename_list(MAGCACHE_FOLDER)
     return [
         io.Float.Input("threshold", default=0.24, min=0.0, max=10.0, step=0.01,
@@ -393,7 +220,7 @@ class MusubiCalibrateMagCache(io.ComfyNode):
     def execute(cls, model, seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str, positive, negative,
                 latent_image, denoise: float, filename: str = "") -> io.NodeOutput:
         family = block_layout(model, CALIBRATE_NODE).family
-        choice = MagCacheChoice(CALIBRATE_NODE, calibrating=True)
+        choice = MagCacheChoice(CALIBRATE_NODE)
         patched = install(model, choice, CALIBRATE_NODE)
         latent = _sample(patched, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise)
         if not choice.runs:
@@ -410,7 +237,8 @@ class MusubiCalibrateMagCache(io.ComfyNode):
         extra = {"model_class": type(model.model).__name__, "cfg": cfg, "denoise": denoise, "seed": seed,
                  "latent_shape": list(latent_image["samples"].shape)}
         try:
-            extra["published_counterpart"] = auto_calibration_key(model, family, CALIBRATE_NODE, run.num_steps)
+            extra["published_counterpart"] = auto_calibration_key(model_facts(model, family), run.num_steps,
+                                                                  calibrate_with=CALIBRATE_NODE)
         except MusubiError:
             pass
         _named_call(CALIBRATE_NODE, run.recorder.save_json, path, architecture=family, steps=run.num_steps,

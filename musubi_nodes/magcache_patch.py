@@ -19,15 +19,15 @@ decision serves cond, uncond, area conds and context windows alike. Residuals ar
 forward call, keyed by the call's ``cond_or_uncond`` (and context window), so cond and uncond run
 unbatched keep their own residual.
 
-Nothing here decides or measures: :mod:`musubi.magcache.core` does.
+Nothing here decides or measures: :mod:`musubi.magcache.state` and :mod:`musubi.magcache.recorder` do,
+and :mod:`musubi.magcache.steps` places an evaluation's sigma on its step.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Protocol
 
 import comfy.ldm.flux.model
 import comfy.ldm.hunyuan_video.model
@@ -38,14 +38,15 @@ import comfy.patcher_extension
 import torch
 
 from ..musubi.errors import MusubiError
-from ..musubi.magcache.core import CalibrationRecorder, MagCacheState
+from ..musubi.magcache.choice import RunFacts
+from ..musubi.magcache.recorder import CalibrationRecorder
+from ..musubi.magcache.state import MagCacheState
+from ..musubi.magcache.steps import is_descending, step_for_sigma
 
 RUN_KEY = "musubi_magcache_run"
 WRAPPER_KEY = "musubi_magcache"
 # Our block patches remember the patch they stand in front of, so patching twice replaces ours.
 _ORIGINAL_ATTRIBUTE = "musubi_magcache_original"
-# Relative tolerance when matching an evaluation's sigma against the schedule.
-_SIGMA_TOLERANCE = 1e-4
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,16 +108,11 @@ def _blocks(kind: str, modules) -> tuple[tuple[str, int], ...]:
 
 @dataclass(frozen=True)
 class RunContext:
-    """What is known when a sampling run starts, for choosing its ratios."""
+    """What is known when a sampling run starts, for choosing its ratios: the model and the run."""
 
     model_patcher: Any
     family: str
-    num_steps: int
-    sigmas: tuple[float, ...]
-    sigma_max: float
-    latent_shape: tuple[int, ...]
-    has_denoise_mask: bool
-    has_reference_latents: bool
+    run: RunFacts
 
 
 @dataclass
@@ -132,34 +128,6 @@ class RunOwner(Protocol):
     def plan_run(self, context: RunContext) -> RunPlan: ...
 
     def run_finished(self, run: "MagCacheRun") -> None: ...
-
-
-# ---------------------------------------------------------------------------------------------
-# Steps from sigmas
-# ---------------------------------------------------------------------------------------------
-
-
-def step_for_sigma(sigma: float, schedule: Sequence[float]) -> int:
-    """The sampling step a model evaluation at ``sigma`` belongs to (schedule descending).
-
-    Step ``i`` goes from ``schedule[i]`` down to ``schedule[i+1]``: an evaluation at ``schedule[i]``
-    opens it, and one strictly inside the interval (the midpoint of dpmpp_2s, a Runge–Kutta stage)
-    belongs to it too. Heun's corrector at ``schedule[i+1]`` shares the noise level, and so the
-    step, of the evaluation that opens step ``i+1``; past the last sigma it stays on the last step.
-    """
-    steps = len(schedule) - 1
-    step = 0
-    for index in range(steps):
-        level = schedule[index]
-        if level >= sigma or math.isclose(level, sigma, rel_tol=_SIGMA_TOLERANCE, abs_tol=1e-9):
-            step = index
-        else:
-            break
-    return step
-
-
-def _is_descending(schedule: Sequence[float]) -> bool:
-    return all(later <= earlier for earlier, later in zip(schedule, schedule[1:]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,7 +186,7 @@ class MagCacheRun:
         self._disabled = False
         self._sample_sigmas: torch.Tensor | None = None
         self._sample_schedule: tuple[float, ...] = self.schedule
-        if not _is_descending(self.schedule):
+        if not is_descending(self.schedule):
             self._disable("the sigma schedule rises somewhere, so steps cannot be told apart by noise level; nothing was cached")
 
     @property
@@ -453,9 +421,7 @@ def _outer_sample_wrapper(owner: RunOwner, layout: BlockLayout, executor, *args,
     if len(schedule) < 2:  # no step to take
         return executor(*args, **kwargs)
     conds = getattr(guider, "conds", None) or getattr(guider, "original_conds", {}) or {}
-    context = RunContext(
-        model_patcher=guider.model_patcher,
-        family=layout.family,
+    facts = RunFacts(
         num_steps=len(schedule) - 1,
         sigmas=schedule,
         sigma_max=float(guider.model_patcher.get_model_object("model_sampling").sigma_max),
@@ -466,7 +432,8 @@ def _outer_sample_wrapper(owner: RunOwner, layout: BlockLayout, executor, *args,
             for group in conds.values() for cond in (group or [])
         ),
     )
-    run = MagCacheRun(owner.plan_run(context), layout, context.num_steps, schedule)
+    context = RunContext(model_patcher=guider.model_patcher, family=layout.family, run=facts)
+    run = MagCacheRun(owner.plan_run(context), layout, facts.num_steps, schedule)
     original_options = guider.model_options
     guider.model_options = comfy.model_patcher.create_model_options_clone(original_options)
     guider.model_options.setdefault("transformer_options", {})[RUN_KEY] = run

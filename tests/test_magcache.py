@@ -10,22 +10,20 @@ import pytest
 import torch
 
 from musubi.errors import MusubiError
-from musubi.magcache.core import (
-    CalibrationRecorder,
-    MagCacheSettings,
-    MagCacheState,
-    default_calibration,
-    default_key_for,
-    expert_part,
+from musubi.magcache.calibration import expert_part, load_calibration_json
+from musubi.magcache.choice import ModelFacts, RunFacts, auto_calibration_key, choose_ratios, run_expert
+from musubi.magcache.published import default_calibration, default_key_for, list_default_models
+from musubi.magcache.recorder import CalibrationRecorder
+from musubi.magcache.resampling import (
     expert_run_ratios,
-    list_default_models,
-    load_calibration_json,
-    parse_ratio_string,
     per_step_ratios,
     ratios_for_run,
     resample_ratios,
     scaled_switch_step,
 )
+from musubi.magcache.settings import MagCacheSettings, parse_ratio_string
+from musubi.magcache.state import MagCacheState
+from musubi.magcache.steps import is_descending, step_for_sigma
 
 torch.set_num_threads(1)
 
@@ -685,3 +683,52 @@ def test_malformed_calibration_files_are_explained(tmp_path, change, pattern):
 def test_missing_calibration_file(tmp_path):
     with pytest.raises(MusubiError, match="not found"):
         load_calibration_json(str(tmp_path / "absent.json"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps from sigmas, and which ratios a run uses
+# ---------------------------------------------------------------------------------------------
+
+
+def test_an_evaluation_belongs_to_the_step_its_sigma_opens_or_lies_in():
+    schedule = [1.0, 0.5, 0.2, 0.0]
+    assert [step_for_sigma(sigma, schedule) for sigma in (1.0, 0.7, 0.5, 0.3, 0.2, 0.0)] == [0, 0, 1, 1, 2, 2]
+    assert step_for_sigma(0.5 * (1 + 1e-5), schedule) == 1  # within the tolerance of a schedule level
+    assert is_descending(schedule) and not is_descending([1.0, 0.5, 0.6, 0.0])
+
+
+WAN_T2V = ModelFacts("wan", "WAN21", {"model_type": "t2v", "dim": 128, "in_dim": 16})
+CHOICE = dict(saved_folder="models/magcache", calibrate_with="Calibrate MagCache")
+
+
+def test_auto_reads_the_published_calibration_off_plain_model_facts():
+    assert auto_calibration_key(WAN_T2V, calibrate_with="x") == "wan2.1_t2v_1.3B"
+    assert auto_calibration_key(ModelFacts("wan", "WAN22", wan_ti2v=True), has_denoise_mask=True,
+                                calibrate_with="x") == "wan2.2_ti2v_5B_i2v"
+    assert auto_calibration_key(ModelFacts("hunyuan_video", "HunyuanVideo", hunyuan_video_t2v=True),
+                                latent_shape=(1, 16, 1, 68, 120), calibrate_with="x") == "hunyuan_video_544p"
+    assert auto_calibration_key(ModelFacts("flux", "Flux"), has_reference_latents=True, calibrate_with="x") == "flux_kontext"
+    with pytest.raises(MusubiError, match=r"\(HunyuanVideoI2V\)\. Calibrate it with 'Calibrate MagCache'"):
+        auto_calibration_key(ModelFacts("hunyuan_video", "HunyuanVideoI2V"), calibrate_with="Calibrate MagCache")
+
+
+def test_options_are_checked_before_any_run():
+    pasted = choose_ratios(WAN_T2V, 0.24, 0.2, 6, "auto", "auto", "1, 0.9, 0.8", saved_path=None, **CHOICE)
+    label, state = pasted.state_for_run(WAN_T2V, RunFacts(num_steps=3, sigmas=(1.0, 0.5, 0.2, 0.0), sigma_max=1.0))
+    assert label == "pasted ratios (3 values)" and state.ratios == [1.0, 0.9, 0.8]
+    with pytest.raises(MusubiError, match="measured on a hunyuan_video model but this model is wan"):
+        choose_ratios(WAN_T2V, 0.24, 0.2, 6, "hunyuan_video", "auto", "", saved_path=None, **CHOICE)
+    with pytest.raises(MusubiError, match=r"nor a file in models/magcache; run 'Calibrate MagCache'"):
+        choose_ratios(WAN_T2V, 0.24, 0.2, 6, "mine.json", "auto", "", saved_path=None, **CHOICE)
+    with pytest.raises(MusubiError, match="pasted_ratios replaces the calibration"):
+        choose_ratios(WAN_T2V, 0.24, 0.2, 6, "auto", "high_noise", "1, 0.9", saved_path=None, **CHOICE)
+
+
+def test_auto_expert_follows_where_the_run_starts_and_ends():
+    a14b = default_calibration("wan2.2_t2v_A14B")
+    assert run_expert(a14b, "auto", (1.0, 0.6, 0.4), 1.0) == "high_noise"
+    assert run_expert(a14b, "auto", (0.4, 0.2, 0.0), 1.0) == "low_noise"
+    assert run_expert(a14b, "auto", (1.0, 0.5, 0.0), 1.0) is None
+    assert run_expert(a14b, "none", (1.0, 0.6, 0.4), 1.0) is None
+    with pytest.raises(MusubiError, match="cannot tell which Wan 2.2 A14B expert"):
+        run_expert(a14b, "auto", (0.8, 0.4), 1.0)

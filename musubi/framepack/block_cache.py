@@ -6,11 +6,11 @@ history tokens alike), as in musubi-tuner. While :class:`BlockCache` is active (
 block), each block's ``forward`` is routed through it:
 
 * on a computed call every block runs; the first remembers its input, the last stores the
-  residual (or hands it to a :class:`~musubi.magcache.core.CalibrationRecorder`);
+  residual (or hands it to a :class:`~musubi.magcache.recorder.CalibrationRecorder`);
 * on a skipped call every block hands its inputs through untouched and the last returns the
   remembered input plus the cached residual; the output norm and projection run as usual.
 
-Decisions come from :class:`~musubi.magcache.core.MagCacheState` — one per section, asked once per
+Decisions come from :class:`~musubi.magcache.state.MagCacheState` — one per section, asked once per
 sampling step, shared by the cond and uncond calls of that step; each call keeps its own residual.
 Leaving the ``with`` block restores the blocks exactly as they were.
 """
@@ -22,7 +22,8 @@ from typing import Callable
 import torch
 
 from ..errors import MusubiError
-from ..magcache.core import CalibrationRecorder, MagCacheState
+from ..magcache.recorder import CalibrationRecorder
+from ..magcache.state import MagCacheState
 
 
 class BlockCache:

@@ -19,7 +19,8 @@ from typing import Any, Callable
 import torch
 
 from ..errors import MusubiError
-from ..magcache.core import CalibrationRecorder, MagCacheState
+from ..magcache.recorder import CalibrationRecorder
+from ..magcache.state import MagCacheState
 from .block_cache import BlockCache
 from .sampling_sections import SamplingSection, SectionHistory, plan_sections
 from .schedule import section_sigmas
