@@ -1,4 +1,5 @@
-"""Reading, hashing and atomically writing files (safetensors and any other).
+"""Reading, hashing and atomically writing files (safetensors and any other), and the rules for
+the names users give to what is written.
 
 A safetensors file is an 8-byte little-endian header length ``n``, a JSON header of ``n`` bytes
 (tensor name -> dtype, shape, byte offsets, plus an optional ``__metadata__`` map of strings) and
@@ -10,9 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import re
 import secrets
 import shutil
+import stat
+import threading
+import time
+import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import safetensors.torch
@@ -21,6 +28,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import MusubiError
+
+logger = logging.getLogger(__name__)
 
 # A header larger than this is certainly not a real safetensors header (the reference
 # implementation refuses headers above 100 MB as well).
@@ -162,10 +171,116 @@ def _current_umask() -> int:
 
 
 def _temporary_path(path: str) -> str:
+    """A hidden sibling of ``path`` (at most 255 bytes, the usual limit of one name); writing into
+    a folder is also when the leftovers of killed writers there are cleared."""
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise MusubiError(f"{path}: the folder {folder} does not exist; create it first.")
-    return os.path.join(folder, f"{TEMPORARY_PREFIX}{secrets.token_hex(4)}-{os.path.basename(path)}"[:255])
+    _remove_leftovers_now_and_then(folder)
+    name = f"{TEMPORARY_PREFIX}{secrets.token_hex(4)}-{os.path.basename(path)}"
+    while len(os.fsencode(name)) > 255:
+        name = name[:-1]
+    return os.path.join(folder, name)
+
+
+# --- leftovers of killed writers ------------------------------------------------------------------
+
+# A hidden entry untouched this long cannot belong to a live writer: writing keeps a file's (and,
+# through its files, a folder's) modification time fresh, and the one quiet stretch, flushing the
+# last written data to disk before the rename, takes seconds to a few minutes even for large
+# models on slow disks.
+LEFTOVER_AGE_SECONDS = 15 * 60
+_SWEEP_INTERVAL_SECONDS = 60.0
+
+# What the writers of this library leave when killed mid-write: the present hidden name (files and
+# folders, including a retired folder being replaced) and the names of earlier versions
+# (".<name>.<8 hex>.tmp" files, ".<name>.tmp-<8 hex>" and ".<name>.old-<8 hex>" folders).
+_CURRENT_LEFTOVER = re.compile(re.escape(TEMPORARY_PREFIX) + r"[0-9a-f]{8}-")
+_OLD_FILE_LEFTOVER = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")
+_OLD_FOLDER_LEFTOVER = re.compile(r"\..+\.(?:tmp|old)-[0-9a-f]{8}")
+
+_swept_at: dict[str, float] = {}
+_swept_lock = threading.Lock()
+
+
+def is_leftover_name(name: str, *, folder: bool) -> bool:
+    """True for the hidden names a killed writer of this library leaves (a folder or a file)."""
+    if _CURRENT_LEFTOVER.match(name):
+        return True
+    pattern = _OLD_FOLDER_LEFTOVER if folder else _OLD_FILE_LEFTOVER
+    return pattern.fullmatch(name) is not None
+
+
+def remove_leftovers(folder: str, *, min_age: float | None = None) -> list[str]:
+    """Delete the leftovers of killed writers directly in ``folder``; return what was deleted.
+
+    Only plain files and folders (never links) whose names match :func:`is_leftover_name` and that
+    nothing has touched for ``min_age`` seconds go: a folder counts as touched when anything inside
+    it changed, so a writer still filling a temporary folder, in this process or another one, keeps
+    it. ``min_age`` defaults to LEFTOVER_AGE_SECONDS. Entries that vanish or cannot be deleted
+    meanwhile are skipped.
+    """
+    min_age = LEFTOVER_AGE_SECONDS if min_age is None else min_age
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    removed = []
+    now = time.time()
+    for name in names:
+        if not name.startswith("."):  # every leftover is hidden; skip the rest without a stat
+            continue
+        path = os.path.join(folder, name)
+        try:
+            info = os.lstat(path)
+        except OSError:
+            continue
+        is_folder = stat.S_ISDIR(info.st_mode)
+        if not (is_folder or stat.S_ISREG(info.st_mode)) or not is_leftover_name(name, folder=is_folder):
+            continue
+        touched = _last_touched(path, info, is_folder)
+        if touched is None or now - touched < min_age:
+            continue
+        try:
+            if is_folder:
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+        except OSError as error:
+            logger.debug("could not remove the leftover %s: %s", path, error)
+            continue
+        logger.info("removed %s, left behind by an interrupted save", path)
+        removed.append(path)
+    return removed
+
+
+def _last_touched(path: str, info: os.stat_result, is_folder: bool) -> float | None:
+    """The newest modification time of an entry and (for a folder) all it holds; None when it
+    cannot be read completely (then it is not old enough to delete)."""
+    newest = info.st_mtime
+    if not is_folder:
+        return newest
+    failed = []
+    for root, folders, files in os.walk(path, onerror=failed.append):
+        for name in folders + files:
+            try:
+                inner = os.lstat(os.path.join(root, name))
+            except OSError:
+                return None
+            newest = max(newest, inner.st_mtime)
+    return None if failed else newest
+
+
+def _remove_leftovers_now_and_then(folder: str) -> None:
+    """Sweep a folder before writing into it, at most once a minute per folder (a cache folder
+    receives thousands of files in a row)."""
+    now = time.monotonic()
+    with _swept_lock:
+        last = _swept_at.get(folder)
+        if last is not None and now - last < _SWEEP_INTERVAL_SECONDS:
+            return
+        _swept_at[folder] = now
+    remove_leftovers(folder)
 
 
 def write_atomically(path: str, write: Callable[[str], None]) -> None:
@@ -236,6 +351,7 @@ def write_folder_atomically(path: str, files: Mapping[str, Callable[[str], None]
         _fsync_folder(temporary)
         if os.path.exists(path):
             retired = _temporary_path(path)
+            os.utime(path)  # the retired folder is a live writer's until deleted: keep it fresh for sweeps
             os.replace(path, retired)
             os.replace(temporary, path)
             shutil.rmtree(retired, ignore_errors=True)
@@ -259,3 +375,158 @@ def _fsync_folder(folder: str) -> None:
         pass
     finally:
         os.close(descriptor)
+
+
+# --- names users give to what is written ----------------------------------------------------------
+
+# One file or folder name may have 255 bytes on common file systems; a user's part stays shorter so
+# the suffixes this library appends (".safetensors", "_00001", "-step000100-state") always fit.
+MAX_NAME_PART_BYTES = 200
+MAX_NAME_BYTES = 1000  # a whole relative name, sub-folders included
+_NOT_ON_WINDOWS = '<>:"|?*'
+_WINDOWS_DEVICES = {"CON", "PRN", "AUX", "NUL", *(f"COM{n}" for n in range(1, 10)), *(f"LPT{n}" for n in range(1, 10))}
+
+
+def path_inside(root: str, name: str, *, where: str, option: str, extension: str | None = None,
+                allow_subfolders: bool = True, example: str = "my_name") -> str:
+    """The path of a user-given ``name`` inside the folder ``root``, or MusubiError.
+
+    The one rule set for every name a user (or an API client) gives to something the library
+    writes, so nothing lands outside ``root`` and no name reaches the file system only to fail
+    there with a raw OS error. ``name`` is relative, with ``/`` (or ``\\``) between sub-folders
+    when ``allow_subfolders``; ``extension`` is appended (and dropped from ``name`` when already
+    there). Refused: empty names, absolute paths, drive letters, ``~``, names ending in ``/``,
+    empty, ``.`` and ``..`` parts, hidden parts (a leading ``.``: those names are kept for files
+    being written), control characters (NUL included), characters or device names Windows does not
+    allow, parts over MAX_NAME_PART_BYTES and names over MAX_NAME_BYTES (UTF-8). The message names
+    ``where`` (the node or command) and ``option`` and says what to write instead.
+    """
+    try:
+        parts = _name_parts(name, extension, allow_subfolders)
+    except _BadName as problem:
+        folders = " (sub-folders such as 'folder/name' are fine; '..', absolute paths and drive letters are not)"
+        raise MusubiError(
+            f"{where}: {option} {_shown(name)} {problem}. Write a name inside {root}, such as {example!r}"
+            f"{folders if allow_subfolders else ' (no folders)'}."
+        ) from None
+    root = os.path.abspath(root)
+    path = os.path.join(root, *parts) + (extension or "")
+    if os.path.commonpath([root, path]) != root:  # cannot happen after the checks above; never write outside
+        raise MusubiError(f"{where}: {option} {_shown(name)} leaves {root}; write a name inside it.")
+    return path
+
+
+def is_inside(path: str, root: str) -> bool:
+    """True when ``path`` is ``root`` or lies under it, compared by their absolute, normalised
+    spelling (links are not resolved: a folder its owner linked elsewhere stays usable)."""
+    path, root = os.path.normcase(os.path.abspath(path)), os.path.normcase(os.path.abspath(root))
+    try:
+        return os.path.commonpath([root, path]) == root
+    except ValueError:  # different drives on Windows
+        return False
+
+
+class _BadName(Exception):
+    """Why a name is refused (a phrase that follows the name in the message)."""
+
+
+def _name_parts(name, extension: str | None, allow_subfolders: bool) -> list[str]:
+    if not isinstance(name, str):
+        raise _BadName(f"must be text, got {type(name).__name__}")
+    text = name.strip()
+    if not text:
+        raise _BadName("is empty")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _BadName("is not valid Unicode text") from None
+    control = next((char for char in text if unicodedata.category(char) == "Cc"), None)
+    if control is not None:
+        raise _BadName(f"contains the control character {control!r}")
+    text = text.replace("\\", "/")
+    if text.startswith("/"):
+        raise _BadName("is an absolute path")
+    if re.match(r"[A-Za-z]:", text):
+        raise _BadName(f"starts with the drive letter {text[:2]!r}")
+    if text.startswith("~"):
+        raise _BadName("starts with '~' (a home folder)")
+    if text.endswith("/"):
+        raise _BadName("ends in '/', so it names no file")
+    if extension and text.lower().endswith(extension.lower()):
+        text = text[: -len(extension)]
+        if not text or text.endswith("/"):
+            raise _BadName(f"has no name before {extension!r}")
+    parts = text.split("/")
+    if len(parts) > 1 and not allow_subfolders:
+        raise _BadName("contains a folder ('/')")
+    for part in parts:
+        if not part:
+            raise _BadName("has an empty folder name ('//')")
+        if part in (".", ".."):
+            raise _BadName(f"has a {part!r} part, " + ("which leaves the folder" if part == ".." else "the folder itself"))
+        if part.startswith("."):
+            raise _BadName(f"has the hidden name {part!r} (a leading '.' is kept for files still being written)")
+        bad = next((char for char in part if char in _NOT_ON_WINDOWS), None)
+        if bad is not None:
+            raise _BadName(f"contains {bad!r}, which Windows does not allow in names")
+        if part.split(".")[0].strip().upper() in _WINDOWS_DEVICES:
+            raise _BadName(f"uses {part!r}, a device name on Windows")
+        size = len(part.encode("utf-8"))
+        if size > MAX_NAME_PART_BYTES:
+            raise _BadName(f"has a name of {size} bytes; each file or folder name may have at most "
+                           f"{MAX_NAME_PART_BYTES} (UTF-8), which leaves room for suffixes such as _00001")
+    size = len(text.encode("utf-8"))
+    if size > MAX_NAME_BYTES:
+        raise _BadName(f"is {size} bytes long; at most {MAX_NAME_BYTES} (UTF-8) are allowed")
+    return parts
+
+
+def _shown(name) -> str:
+    """``name`` quoted for a message, cut short when long (the length is what matters then)."""
+    if isinstance(name, str) and len(name) > 60:
+        return f"{name[:40]!r}… ({len(name)} characters)"
+    return repr(name)
+
+
+def glob_matcher(pattern: str) -> Callable[[str], bool]:
+    """A test of ``/``-separated names against a glob: ``*`` and ``?`` stay inside one folder
+    (``my_lora/*.safetensors`` does not reach into ``my_lora/old/``), ``**`` spans folders
+    (``**/`` also matches no folder at all), ``[abc]`` and ``[!abc]`` are one character but never ``/``.
+    Case-insensitive on Windows, like its file names."""
+    regex, index = [], 0
+    while index < len(pattern):
+        char = pattern[index]
+        if pattern.startswith("**/", index):
+            regex.append(r"(?:[^/]*/)*")
+            index += 3
+        elif pattern.startswith("**", index):
+            regex.append(r".*")
+            index += 2
+        elif char == "*":
+            regex.append(r"[^/]*")
+            index += 1
+        elif char == "?":
+            regex.append(r"[^/]")
+            index += 1
+        elif char == "[":
+            group, index = _glob_group(pattern, index)
+            regex.append(group)
+        else:
+            regex.append(re.escape(char))
+            index += 1
+    compiled = re.compile("".join(regex), re.DOTALL | (re.IGNORECASE if os.name == "nt" else 0))
+    return lambda name: compiled.fullmatch(name) is not None
+
+
+def _glob_group(pattern: str, start: int) -> tuple[str, int]:
+    """The regex of the ``[...]`` group at ``start`` and the index after it (a lone ``[`` is literal)."""
+    index = start + 1
+    negate = index < len(pattern) and pattern[index] == "!"
+    index += negate
+    if index < len(pattern) and pattern[index] == "]":
+        index += 1  # a "]" right at the start belongs to the group
+    end = pattern.find("]", index)
+    if end < 0:
+        return re.escape("["), start + 1
+    body = "".join("\\" + char if char in "\\^[]" else char for char in pattern[start + 1 + negate:end])
+    return (f"[^/{body}]" if negate else f"(?!/)[{body}]"), end + 1

@@ -19,10 +19,12 @@ from ..musubi.data.cache import CachedDataset, Encoders, build_cache
 from ..musubi.data.config import DatasetSpec, load_dataset_config
 from ..musubi.data.plan import VIDEO_ARCHITECTURES, plan_items
 from ..musubi.errors import MusubiError
+from ..musubi.files import is_inside
 from ..musubi.data.frames import MODES, normalize_target_frames
 from ..musubi.data.media import is_image_file, is_video_file
 from ..musubi.data.pixels import first_frame_video
 from ..musubi.data.text_embeddings import TextEmbedding, validate_for_architecture
+from .paths import folder_inside
 from .train_settings import DatasetType
 
 NODE = "Training Dataset (images/videos)"
@@ -62,7 +64,7 @@ class MusubiDataset(io.ComfyNode):
                 io.Int.Input("frame_sample", default=1, min=1, max=1000, tooltip="uniform: windows per video."),
                 io.Int.Input("max_frames", default=129, min=1, max=10000, tooltip="full: the most frames per video."),
                 io.String.Input("cache_folder", default="",
-                                tooltip="Where the encoded items go. Empty: output/musubi_dataset_cache/<folder name>_<hash> (a TOML's own cache_directory entries are used for TOML sources)."),
+                                tooltip="Where the encoded items go: a folder inside ComfyUI's output folder (sub-folders allowed; no '..' or absolute paths). Empty: output/musubi_dataset_cache/<folder name>_<hash>. TOML sources use their own cache_directory entries, which must lie inside ComfyUI's output or input folder."),
                 io.Boolean.Input("reencode", default=False, tooltip="Encode every item again even when its cache is valid."),
                 io.Boolean.Input("image_to_video", default=False,
                                  tooltip="Wan image-to-video models: each item is conditioned on its first frame (concat latent and mask, as core WanImageToVideo), plus CLIP-vision of that frame when clip_vision is connected."),
@@ -173,7 +175,7 @@ def dataset_specs(source, width, height, enable_bucket, bucket_no_upscale, num_r
     if os.path.isfile(path):
         if not path.lower().endswith((".toml", ".json")):
             raise MusubiError(f"{NODE}: {path} is a file but not a dataset .toml/.json; give a folder or a dataset config.")
-        return load_dataset_config(path)
+        return check_config_caches(load_dataset_config(path), path)
     controls = None
     if control_folder.strip():
         controls = os.path.expanduser(control_folder.strip())
@@ -182,12 +184,14 @@ def dataset_specs(source, width, height, enable_bucket, bucket_no_upscale, num_r
         if not os.path.isdir(controls):
             raise MusubiError(f"{NODE}: control_folder {controls} does not exist.")
     if cache_folder.strip():
-        cache = os.path.expanduser(cache_folder.strip())
-        if not os.path.isabs(cache):
-            cache = os.path.join(folder_paths.get_output_directory(), cache)
+        cache = folder_inside(NODE, "cache_folder", folder_paths.get_output_directory(), cache_folder,
+                              example=f"{CACHE_ROOT}/my_dataset")
     else:
         tag = hashlib.sha256(path.encode()).hexdigest()[:8]
-        cache = os.path.join(folder_paths.get_output_directory(), CACHE_ROOT, f"{os.path.basename(path)}_{tag}")
+        label = os.path.basename(path)
+        if len(label.encode("utf-8")) > 200:  # the folder name must stay within the file system's 255 bytes
+            label = label[:50]
+        cache = os.path.join(folder_paths.get_output_directory(), CACHE_ROOT, f"{label}_{tag}")
     try:
         frames = [int(part) for part in target_frames.replace(";", ",").split(",") if part.strip()]
     except ValueError as error:
@@ -208,6 +212,31 @@ def dataset_specs(source, width, height, enable_bucket, bucket_no_upscale, num_r
                                  max_frames=max_frames, **common))
     if not specs:
         raise MusubiError(f"{NODE}: the folder {path} holds no images or videos; put the training files (with caption files) there.")
+    return specs
+
+
+def check_config_caches(specs: list[DatasetSpec], config: str) -> list[DatasetSpec]:
+    """A dataset TOML's caches must lie inside ComfyUI's output or input folder.
+
+    A TOML can be uploaded by any API client, so its ``cache_directory`` (or, without one, the
+    image/video folder, musubi-tuner's default place for caches) could otherwise point the node's
+    writes anywhere on the server. Paths are compared as written (resolved against the TOML's
+    folder), so folders the machine's owner linked in from elsewhere stay usable.
+    """
+    import folder_paths
+
+    roots = {"output": folder_paths.get_output_directory(), "input": folder_paths.get_input_directory()}
+    for index, spec in enumerate(specs, 1):
+        cache = spec.cache_folder
+        if any(is_inside(cache, root) for root in roots.values()):
+            continue
+        given = "its cache_directory" if spec.cache_directory else f"its {spec.kind} folder (no cache_directory given)"
+        raise MusubiError(
+            f"{NODE}: {config} [[datasets]] #{index} caches into {cache} ({given}), outside ComfyUI's output folder "
+            f"({roots['output']}) and input folder ({roots['input']}). The node writes only inside ComfyUI's folders, "
+            "since a dataset TOML can come from any API client: set cache_directory to a folder inside one of them, "
+            f"e.g. cache_directory = \"{os.path.join(roots['output'], CACHE_ROOT, 'my_dataset')}\"."
+        )
     return specs
 
 

@@ -48,7 +48,7 @@ class MusubiSaveImageEmbedding(io.ComfyNode):
         state = getattr(clip_vision_output, "last_hidden_state", None)
         if state is None:
             raise MusubiError(f"{SAVE_NODE}: the CLIP-vision output has no last hidden state; connect CLIPVisionEncode.")
-        path = new_output_path(SAVE_NODE, IMAGE_EMBEDDINGS, filename)
+        path = new_output_path(SAVE_NODE, IMAGE_EMBEDDINGS, filename, example="start_image")
         try:
             save_image_embedding(path, state[:1])
         except MusubiError as error:

@@ -1,13 +1,18 @@
-"""File names the nodes read and write, resolved through ComfyUI's model folders."""
+"""File names the nodes read and write, resolved through ComfyUI's folders.
+
+Every name a node writes under goes through :func:`musubi.files.path_inside` here (files with
+:func:`new_output_path`, folders with :func:`folder_inside`), so each node accepts and refuses the
+same names with the same message.
+"""
 
 from __future__ import annotations
 
-import fnmatch
 import os
 
 import folder_paths
 
 from ..musubi.errors import MusubiError
+from ..musubi.files import glob_matcher, path_inside
 
 TEXT_EMBEDDINGS = "text_embeddings"
 
@@ -27,7 +32,8 @@ def resolve_patterns(node: str, folder: str, lines: str) -> list[str]:
     """Full paths for names or globs (one per line) from a model folder, in the order given.
 
     A line is a name as the folder's file list shows it (``my_lora/step_100.safetensors``),
-    a glob over those names (``my_lora/*.safetensors``) or an absolute path.
+    a glob over those names (``my_lora/*.safetensors``: ``*`` and ``?`` stay inside one folder,
+    ``**`` spans folders) or an absolute path.
     """
     names = [name.replace("\\", "/") for name in list_files(folder)]
     found: list[str] = []
@@ -39,7 +45,7 @@ def resolve_patterns(node: str, folder: str, lines: str) -> list[str]:
                 raise MusubiError(f"{node}: the file {line!r} does not exist.")
             matches = [line]
         elif any(char in line for char in "*?["):
-            matches = [folder_paths.get_full_path(folder, name) for name in sorted(fnmatch.filter(names, line))]
+            matches = [folder_paths.get_full_path(folder, name) for name in sorted(filter(glob_matcher(line), names))]
         else:
             path = folder_paths.get_full_path(folder, line)
             matches = [path] if path else []
@@ -62,25 +68,35 @@ def model_folder_root(folder: str) -> str:
     return next((path for path in roots if os.path.basename(path) == folder), roots[0])
 
 
-def new_output_path(node: str, folder: str, name: str, extension: str = ".safetensors") -> str:
+def new_output_path(node: str, folder: str, name: str, extension: str = ".safetensors", *,
+                    option: str = "filename", example: str = "my_name") -> str:
     """A path for ``name`` inside the model folder ``folder`` that never overwrites a file.
 
-    ``name`` may contain sub-folders but must stay inside the model folder; when the file
-    exists, ``_00001``, ``_00002``… is appended.
+    ``name`` follows :func:`musubi.files.path_inside` (sub-folders allowed, nothing outside the
+    model folder); when the file exists, ``_00001``, ``_00002``… is appended. Missing sub-folders
+    are created.
     """
-    root = model_folder_root(folder)
-    name = name.strip().replace("\\", "/")
-    if name.endswith(extension):
-        name = name[: -len(extension)]
-    target = os.path.abspath(os.path.join(root, name))
-    if not name or os.path.isabs(name) or os.path.commonpath([root, target]) != root or target == root:
-        raise MusubiError(
-            f"{node}: the output name {name!r} must be a relative file name inside {root} "
-            f"(sub-folders are fine, '..' and absolute paths are not)."
-        )
-    candidate, counter = target + extension, 0
-    while os.path.exists(candidate):
+    target = path_inside(model_folder_root(folder), name, where=node, option=option, extension=extension,
+                         example=example)
+    stem = target[: -len(extension)] if extension else target
+    candidate, counter = target, 0
+    while os.path.lexists(candidate):
         counter += 1
-        candidate = f"{target}_{counter:05d}{extension}"
-    os.makedirs(os.path.dirname(candidate), exist_ok=True)
+        candidate = f"{stem}_{counter:05d}{extension}"
+    make_folder(node, option, os.path.dirname(candidate))
     return candidate
+
+
+def folder_inside(node: str, option: str, root: str, name: str, *, example: str = "my_folder") -> str:
+    """The folder a user names (``option`` of ``node``) inside ``root``, one of ComfyUI's folders,
+    by the same rules as file names (:func:`musubi.files.path_inside`); not created here."""
+    return path_inside(root, name, where=node, option=option, example=example)
+
+
+def make_folder(node: str, option: str, folder: str) -> None:
+    """``os.makedirs`` whose failure (a file where a folder should be, no permission) names the option."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as error:
+        raise MusubiError(f"{node}: {option}: cannot create the folder {folder} ({error.strerror or error}); "
+                          "choose another name.") from None

@@ -78,7 +78,7 @@ class MusubiSaveTextEmbedding(io.ComfyNode):
     def execute(cls, conditioning, architecture: str, filename: str, caption: str = "") -> io.NodeOutput:
         embedding = from_conditioning(conditioning, architecture)
         validate_for_architecture(embedding, architecture)
-        target = new_output_path("Save Text Embedding", TEXT_EMBEDDINGS, filename)
+        target = new_output_path("Save Text Embedding", TEXT_EMBEDDINGS, filename, example="prompts/my_prompt")
         save_text_embedding(target, embedding, caption=caption or None)
         return io.NodeOutput(target, ui=ui.PreviewText(target))
 

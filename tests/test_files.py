@@ -185,3 +185,31 @@ def test_atomic_save_file_rejects_bad_metadata_and_missing_folder(tmp_path):
     with pytest.raises(MusubiError, match="does not exist"):
         atomic_save_file({"x": torch.zeros(2)}, missing)
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_saved_files_and_folders_get_the_permissions_the_umask_gives(tmp_path, umask):
+    """safetensors' own writer creates 0600 files; everything saved must look like any other new file."""
+    from musubi.files import write_folder_atomically, write_text_atomically
+
+    previous = os.umask(umask)
+    try:
+        tensors_path = str(tmp_path / "model.safetensors")
+        atomic_save_file({"w": torch.zeros(2)}, tensors_path)
+        atomic_save_file({"w": torch.ones(2)}, tensors_path)  # replacing keeps the rule too
+        text_path = str(tmp_path / "notes.json")
+        write_text_atomically(text_path, "{}")
+        state = str(tmp_path / "run-step000002-state")
+        write_folder_atomically(state, {
+            "network.safetensors": lambda path: safetensors.torch.save_file({"w": torch.zeros(1)}, path),
+            "train_state.json": lambda path: open(path, "w").close(),
+        })
+        modes = {path: os.stat(path).st_mode & 0o777 for path in (tensors_path, text_path, state,
+                                                                   os.path.join(state, "network.safetensors"),
+                                                                   os.path.join(state, "train_state.json"))}
+    finally:
+        os.umask(previous)
+    file_mode, folder_mode = 0o666 & ~umask, 0o777 & ~umask
+    assert modes == {tensors_path: file_mode, text_path: file_mode, state: folder_mode,
+                     os.path.join(state, "network.safetensors"): file_mode,
+                     os.path.join(state, "train_state.json"): file_mode}
