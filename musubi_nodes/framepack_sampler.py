@@ -151,6 +151,8 @@ class MusubiFramePackSampler(io.ComfyNode):
         if framepack_transformer(model) is None:
             raise MusubiError(f"{NODE}: the model is a {type(model.model).__name__}, not FramePack; load it with Load FramePack DiT.")
         config = model.model.model_config.unet_config["framepack_config"]
+        if magcache == "calibrate" and (calibration_name or "").strip():  # a bad name fails now, not after sampling
+            new_output_path(NODE, MAGCACHE_FOLDER, calibration_name, extension=".json", option="calibration_name")
         try:
             plan, magcache_label = magcache_plan(
                 magcache, direction, steps, magcache_threshold, magcache_K, magcache_retention_ratio, magcache_ratios,
@@ -236,7 +238,7 @@ class MusubiFramePackSampler(io.ComfyNode):
             lines.append(f"model calls: {count * steps * calls_per_step} computed")
         if plan is not None and plan.calibrate:
             name = (calibration_name or "").strip() or f"framepack_{direction}_{steps}steps"
-            path = new_output_path(NODE, MAGCACHE_FOLDER, name, extension=".json")
+            path = new_output_path(NODE, MAGCACHE_FOLDER, name, extension=".json", option="calibration_name")
             payload = save_section_calibration(path, result.recorders, steps, extra={
                 "direction": direction, "seed": seed, "cfg": cfg, "latent_shape": list(start.shape),
                 "published_counterpart": published_key(direction),

@@ -30,6 +30,7 @@ from ..musubi.magcache.choice import (
 )
 from ..musubi.magcache.published import list_default_models
 from ..musubi.magcache.recorder import CalibrationRecorder
+from ..musubi.magcache.steps import repeated_levels
 from .magcache_patch import MagCacheRun, RunContext, RunPlan, block_layout, install
 from .paths import new_output_path
 
@@ -81,6 +82,14 @@ class MagCacheChoice:
 
     def plan_run(self, context: RunContext) -> RunPlan:
         if self.ratios is None:
+            repeated = repeated_levels(context.run.sigmas)
+            if repeated:
+                distinct = context.run.num_steps - repeated
+                raise MusubiError(
+                    f"{self.node}: this scheduler gives only {distinct} distinct noise levels for {context.run.num_steps} "
+                    "steps (the model has a limited number of timesteps), and steps at the same noise level cannot be "
+                    f"measured apart; calibrate with at most {distinct} steps, or with another scheduler."
+                )
             return RunPlan(label=f"calibration of a {context.family} model", recorder=CalibrationRecorder())
         try:
             label, state = self.ratios.state_for_run(model_facts(context.model_patcher, context.family), context.run)
@@ -220,6 +229,8 @@ class MusubiCalibrateMagCache(io.ComfyNode):
     def execute(cls, model, seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str, positive, negative,
                 latent_image, denoise: float, filename: str = "") -> io.NodeOutput:
         family = block_layout(model, CALIBRATE_NODE).family
+        if (filename or "").strip():  # a bad name fails now, not after the sampling
+            new_output_path(CALIBRATE_NODE, MAGCACHE_FOLDER, filename, extension=".json")
         choice = MagCacheChoice(CALIBRATE_NODE)
         patched = install(model, choice, CALIBRATE_NODE)
         latent = _sample(patched, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise)

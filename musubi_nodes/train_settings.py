@@ -6,10 +6,12 @@ Each returns a plain dict of musubi option names; Train LoRA merges them into on
 
 from __future__ import annotations
 
+import folder_paths
 from comfy_api.latest import io
 
 from ..musubi.training.schedulers import SCHEDULER_NAMES
 from ..musubi.training.optimizers import BUILTIN_OPTIMIZERS
+from .paths import folder_inside
 
 NetworkSettings = io.Custom("MUSUBI_NETWORK_SETTINGS")
 OptimizerSettings = io.Custom("MUSUBI_OPTIMIZER_SETTINGS")
@@ -129,7 +131,7 @@ class MusubiCheckpointSettings(io.ComfyNode):
                                tooltip="comfyui: diffusion_model.* keys that every ComfyUI LoRA loader applies fully. musubi: lora_unet_* keys for musubi-tuner."),
                 io.Combo.Input("save_precision", options=["float32", "bfloat16", "float16"], default="float32", tooltip="Dtype of the saved LoRA files."),
                 io.Combo.Input("log_with", options=["none", "tensorboard"], default="none", tooltip="Log loss, learning rates and timesteps for TensorBoard."),
-                io.String.Input("logging_dir", default="", tooltip="Folder for logs (default: output/musubi_logs)."),
+                io.String.Input("logging_dir", default="", tooltip="Folder for logs inside ComfyUI's output folder, e.g. my_logs (default: output/musubi_logs)."),
             ],
             outputs=[CheckpointSettings.Output("checkpoint_settings", tooltip="For Train LoRA.")],
         )
@@ -137,6 +139,9 @@ class MusubiCheckpointSettings(io.ComfyNode):
     @classmethod
     def execute(cls, save_every_n_steps, save_last_n_checkpoints, save_state, lora_format, save_precision,
                 log_with, logging_dir) -> io.NodeOutput:
+        if logging_dir.strip():  # written to by the trainer: it must stay inside ComfyUI's output folder
+            logging_dir = folder_inside("Checkpoint + Logging Settings", "logging_dir", folder_paths.get_output_directory(),
+                                        logging_dir, example="my_logs")
         return io.NodeOutput({
             "save_every_n_steps": save_every_n_steps or None,
             "save_last_n_checkpoints": save_last_n_checkpoints or None,

@@ -424,3 +424,17 @@ def test_bad_settings_are_refused_with_the_option_and_the_fix(comfy, tiny_model_
     assert "MagCache Sampler" in message and "wan2.2_t2v_A14B" in message
     message = error_of(ratios="hunyuan_video")
     assert "hunyuan_video model but this model is wan" in message
+
+
+def test_calibration_with_more_steps_than_noise_levels_says_why(comfy, tiny_model_file, text_embedding_file):
+    """'simple' picks from the model's 1000 timesteps: 1500 steps repeat levels, which no
+    calibration can measure apart — refused before any step runs, with the number that works."""
+    arch = "wan21_t2v"
+    g = Graph()
+    common = _inputs(g, tiny_model_file(arch), arch, text_embedding_file(arch), steps=1500)
+    _save(g, g.add("MusubiCalibrateMagCache", **common, filename="too_many_steps"), "too_many_steps")
+    message = comfy.run_error(g.to_dict())
+    assert "Calibrate MagCache" in message and "distinct noise levels for 1500 steps" in message, message
+    distinct = int(message.split("gives only ")[1].split()[0])
+    assert 2 <= distinct < 1500 and f"at most {distinct} steps" in message
+    assert not (comfy.models_dir("magcache") / "too_many_steps.json").exists()

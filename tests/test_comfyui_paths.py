@@ -275,3 +275,14 @@ def test_calibrate_magcache_refuses_bad_names(comfy, tiny_model_file, text_embed
     assert_refused(failure(comfy, g.to_dict()), "Calibrate MagCache", "filename", reason, str(folder))
     assert snapshot(folder) == before
     assert_nothing_escaped(comfy)
+
+
+@pytest.mark.parametrize("kind", ["absolute", "dotdot", "NUL"])
+def test_a_logging_dir_outside_the_output_folder_is_refused(comfy, kind):
+    """The trainer writes TensorBoard logs there, so it follows the same rule as every written folder."""
+    g = Graph()
+    g.add("PreviewAny", source=g.add("MusubiCheckpointSettings", save_every_n_steps=0, save_last_n_checkpoints=0,
+                                     save_state=True, lora_format="comfyui", save_precision="float32",
+                                     log_with="tensorboard", logging_dir=HOSTILE_NAMES[kind])[0])
+    assert_refused(failure(comfy, g.to_dict()), "Checkpoint + Logging Settings", "logging_dir", str(comfy.output_dir))
+    assert_nothing_escaped(comfy)

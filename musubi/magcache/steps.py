@@ -36,3 +36,15 @@ def step_for_sigma(sigma: float, schedule: Sequence[float]) -> int:
 def is_descending(schedule: Sequence[float]) -> bool:
     """Whether the noise levels never rise, so that a level names one step."""
     return all(later <= earlier for earlier, later in zip(schedule, schedule[1:]))
+
+
+def repeated_levels(schedule: Sequence[float]) -> int:
+    """How many steps start at the same noise level as the step before them.
+
+    A schedule asked for more steps than the model has distinct timesteps (``simple`` with
+    thousands of steps) repeats levels; such steps cannot be told apart, so a calibration, which
+    must measure every step, cannot run on it.
+    """
+    steps = schedule[:-1]
+    return sum(1 for earlier, later in zip(steps, steps[1:])
+               if math.isclose(earlier, later, rel_tol=_SIGMA_TOLERANCE, abs_tol=1e-9))
