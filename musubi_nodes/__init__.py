@@ -1,7 +1,12 @@
-"""Thin ComfyUI V3 nodes over the ``musubi`` library (no algorithms here)."""
+"""Thin ComfyUI V3 nodes over the ``musubi`` library (no algorithms here).
+
+Every node is registered through :data:`NODES`, where each gets the pack-wide input checks of
+:mod:`.checks` (non-finite FLOAT inputs are refused before ``execute`` runs).
+"""
 
 from comfy_api.latest import ComfyExtension, io
 
+from .checks import refuse_non_finite_floats
 from .compile import MusubiCompileModel
 from .dataset import MusubiDataset
 from .ema_merge import MusubiPostHocEMAMerge
@@ -40,6 +45,9 @@ NODES: list[type[io.ComfyNode]] = [
     MusubiSaveImageEmbedding,
     MusubiLoadImageEmbedding,
 ]
+for _node in NODES:
+    refuse_non_finite_floats(_node)
+del _node
 
 
 class MusubiExtension(ComfyExtension):

@@ -77,16 +77,21 @@ class MusubiLoadDiTFP8Scaled(io.ComfyNode):
             state_dict = safetensors.torch.load_file(path)
             summary = f"{unet_name}: already block-scaled fp8, loaded as it is"
         else:
-            loaded_loras = [(load_lora_file(lora_path)[0], strength) for lora_path, strength in lora_list]
-            state_dict, metadata, report = quantize_checkpoint(
-                path, architecture=architecture, fp8_format=fp8_format, mode=mode,
-                block_size=block_size, loras=loaded_loras,
-            )
+            # The name is checked before the costly quantizing, not after it.
+            target = new_output_path(NODE, "diffusion_models", save_as, option="save_as",
+                                     example="my_model_fp8") if save_as.strip() else None
+            try:  # the library's refusals (a LoRA unreadable, holding NaN/inf, of another model) name this node
+                loaded_loras = [(load_lora_file(lora_path)[0], strength) for lora_path, strength in lora_list]
+                state_dict, metadata, report = quantize_checkpoint(
+                    path, architecture=architecture, fp8_format=fp8_format, mode=mode,
+                    block_size=block_size, loras=loaded_loras,
+                )
+            except MusubiError as error:
+                raise MusubiError(f"{NODE}: {error}") from error
             summary = report.summary()
             if report.lora_report is not None:
                 summary = report.lora_report.summary() + "\n" + summary
-            if save_as.strip():
-                target = new_output_path(NODE, "diffusion_models", save_as)
+            if target is not None:
                 files.atomic_save_file(state_dict, target, metadata)
                 summary += f"\nsaved {target}"
 

@@ -31,6 +31,7 @@ from ..musubi.magcache.choice import (
 from ..musubi.magcache.published import list_default_models
 from ..musubi.magcache.recorder import CalibrationRecorder
 from ..musubi.magcache.steps import repeated_levels
+from .adapters.comfy_model import ConditioningCheck
 from .magcache_patch import MagCacheRun, RunContext, RunPlan, block_layout, install
 from .paths import new_output_path
 
@@ -173,7 +174,12 @@ def _magcache_inputs() -> list:
 # ---------------------------------------------------------------------------------------------
 
 
-def _sample(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise):
+def _sample(node, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise):
+    """Core KSampler's sampling, after checking the prompts fit the model (another text encoder's
+    CONDITIONING fails deep inside ComfyUI with a raw KeyError or shape error)."""
+    checker = ConditioningCheck(model)
+    for name, conditioning in (("positive", positive), ("negative", negative)):
+        checker.check_input(f"{node}: {name}", conditioning)
     return comfy_core_nodes.common_ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive, negative,
                                             latent_image, denoise=denoise)[0]
 
@@ -199,7 +205,7 @@ class MusubiMagCacheSampler(io.ComfyNode):
                 expert: str, pasted_ratios: str = "") -> io.NodeOutput:
         choice = magcache_choice(SAMPLER_NODE, model, threshold, retention_ratio, K, ratios, expert, pasted_ratios)
         patched = install(model, choice, SAMPLER_NODE)
-        latent = _sample(patched, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise)
+        latent = _sample(SAMPLER_NODE, patched, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise)
         report = "\n\n".join(run.report() for run in choice.runs) or "MagCache: nothing was sampled (no steps to run)."
         return io.NodeOutput(latent, report, ui=ui.PreviewText(report))
 
@@ -233,7 +239,7 @@ class MusubiCalibrateMagCache(io.ComfyNode):
             new_output_path(CALIBRATE_NODE, MAGCACHE_FOLDER, filename, extension=".json")
         choice = MagCacheChoice(CALIBRATE_NODE)
         patched = install(model, choice, CALIBRATE_NODE)
-        latent = _sample(patched, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise)
+        latent = _sample(CALIBRATE_NODE, patched, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise)
         if not choice.runs:
             raise MusubiError(f"{CALIBRATE_NODE}: nothing was sampled (denoise 0 leaves no step); set denoise above 0.")
         run = choice.runs[-1]

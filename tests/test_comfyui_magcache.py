@@ -438,3 +438,15 @@ def test_calibration_with_more_steps_than_noise_levels_says_why(comfy, tiny_mode
     distinct = int(message.split("gives only ")[1].split()[0])
     assert 2 <= distinct < 1500 and f"at most {distinct} steps" in message
     assert not (comfy.models_dir("magcache") / "too_many_steps.json").exists()
+
+
+def test_magcache_sampler_refuses_prompts_of_another_text_encoder(comfy, tiny_model_file, text_embedding_file):
+    """Wan's text (4096 wide, no pooled output) on HunyuanVideo used to fail with KeyError: 'pooled_output'."""
+    g = Graph()
+    common = _inputs(g, tiny_model_file("hunyuan_video"), "hunyuan_video", text_embedding_file("hunyuan_video"))
+    wrong = g.add("MusubiLoadTextEmbedding", embedding=text_embedding_file("wan21_t2v"), architecture="wan")
+    common["positive"] = wrong[0]
+    _save(g, g.add("MusubiMagCacheSampler", **common, **_magcache()), "wrong_text")
+    message = comfy.run_error(g.to_dict())
+    assert "MagCache Sampler: positive's conditioning has no pooled output" in message, message
+    assert "HunyuanVideo text encoders" in message and "KeyError" not in message

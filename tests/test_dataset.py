@@ -274,6 +274,47 @@ def test_plan_errors_list_every_problem(folder, tmp_path):
         plan_items(_specs(folder, tmp_path / "c")[1:], "wan")
 
 
+def test_every_unreadable_file_of_a_folder_is_listed_in_one_error(folder, tmp_path):
+    # A folder's images and videos are two datasets; a broken video used to go unlisted when an
+    # image was broken too, because the image dataset reported first.
+    (folder / "broken.png").write_bytes(b"not an image")
+    (folder / "broken.mp4").write_bytes(b"not a video either")
+    for name in ("broken.txt",):
+        (folder / name).write_text("caption")
+    with pytest.raises(MusubiError) as raised:
+        plan_items(_specs(folder, tmp_path / "c"), "wan")
+    message = str(raised.value)
+    assert message.startswith("dataset: 2 file(s) cannot be read — "), message
+    assert "broken.png: cannot read this image" in message and "broken.mp4: cannot read this video" in message
+
+    # Many broken files: the first ten are listed, the rest counted.
+    for index in range(11):
+        (folder / f"bad{index:02d}.png").write_bytes(b"junk")
+        (folder / f"bad{index:02d}.txt").write_text("caption")
+    with pytest.raises(MusubiError, match=r"^dataset: 13 file\(s\) cannot be read — .* … and 3 more\.$"):
+        plan_items(_specs(folder, tmp_path / "c"), "wan")
+
+
+def test_files_that_fail_to_decode_are_all_listed_after_the_rest_is_cached(folder, tmp_path):
+    # Headers that read but pixel data that does not: found only when the items are encoded.
+    for name, seed in (("cut_a", 3), ("cut_b", 4)):
+        _image(folder / f"{name}.png", 48, 48, seed=seed)
+        data = (folder / f"{name}.png").read_bytes()
+        (folder / f"{name}.png").write_bytes(data[: len(data) // 2])
+        (folder / f"{name}.txt").write_text(f"caption of {name}")
+    cache = tmp_path / "cache"
+    items = plan_items(_specs(folder, cache), "wan")
+    encoders = CountingEncoders()
+    with pytest.raises(MusubiError) as raised:
+        build_cache(items, "wan", encoders)
+    message = str(raised.value)
+    assert message.startswith("dataset: 2 file(s) cannot be read — "), message
+    assert "cut_a.png: cannot read this image" in message and "cut_b.png: cannot read this image" in message
+    assert "The other items are encoded and cached" in message
+    assert encoders.pixel_calls == 4 and encoders.text_calls == 5  # every readable item, every caption
+    assert (cache / "square_0048x0048_wan.safetensors").is_file()
+
+
 def wan_toy(**options):
     """The toy model dressed as Wan (16 channels, text 4096, blocks of the class name the Wan LoRA
     preset targets), to train on a Wan-layout cache."""

@@ -13,12 +13,15 @@ import pytest
 import torch
 
 from musubi.errors import MusubiError
+from musubi.framepack.calibration import magcache_plan
 from musubi.framepack.loading import inspect_source
 from musubi.framepack.sampling import FramePackRun, MagCachePlan, sample_video
 from musubi.framepack.sampling_sections import SectionHistory, plan_sections, sampling_paddings, sections_for_duration
 from musubi.framepack.schedule import auto_shift, shifted_sigmas
 from musubi.framepack.unipc import sample_unipc
-from musubi.magcache.core import MagCacheSettings, MagCacheState, default_calibration
+from musubi.magcache.published import default_calibration
+from musubi.magcache.settings import MagCacheSettings
+from musubi.magcache.state import MagCacheState
 from tiny_checkpoints import build_framepack_model, tiny_state_dict, write_tiny_checkpoint
 from tiny_framepack import (framepack_conditioning, write_framepack_file, write_framepack_folder, write_plain_fp8_file,
                             write_unprefixed_without_metadata)
@@ -289,6 +292,21 @@ def test_calibration_records_every_step_of_every_section(tiny_model):
                               MagCachePlan(calibrate=True))
     assert [len(recorder.ratios()) for recorder in result.recorders] == [3, 3]
     assert all(recorder.ratios()[0] == 1.0 for recorder in result.recorders)
+
+
+def test_magcache_options_choose_the_direction_curve_or_explain_what_is_wrong():
+    options = dict(saved_path=None, saved_folder="models/magcache")
+    assert magcache_plan("off", "vanilla", 25, 0.1, 3, 0.2, "auto", "", **options) == (None, "MagCache off")
+    plan, label = magcache_plan("on", "f1", 25, 0.1, 3, 0.2, "auto", "", **options)
+    assert label == "MagCache ratios framepack_f1, threshold 0.1, K 3, retention_ratio 0.2"
+    state = plan.make_state(25)
+    assert state.settings.max_step_deviation == default_calibration("framepack_f1").max_step_deviation
+    plan, label = magcache_plan("on", "vanilla", 25, 0.1, 3, 0.2, "auto", "1, 1.1", **options)
+    assert label == "MagCache pasted ratios (2 values)" and len(plan.make_state(5).ratios) == 5
+    with pytest.raises(MusubiError, match="neither a published FramePack curve nor a file in models/magcache"):
+        magcache_plan("on", "vanilla", 25, 0.1, 3, 0.2, "mine.json", "", **options)
+    with pytest.raises(MusubiError, match="at least 2 steps"):
+        magcache_plan("calibrate", "vanilla", 1, 0.1, 3, 0.2, "auto", "", **options)
 
 
 # --- recognising checkpoints ----------------------------------------------------------------------

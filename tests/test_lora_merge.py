@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -309,3 +311,48 @@ def test_merger_plans_from_a_header_before_reading_weights():
                                expected_merge(weight, [(up, down, 4.0, 1.0)]))
     with pytest.raises(MusubiError, match="fp8"):
         LoraMerger({"blocks.0.self_attn.q.weight": ("F8_E4M3", (32, 64))}, [(lora, 1.0)], "wan")
+
+
+def test_non_finite_loras_are_refused_naming_the_file_and_the_first_bad_key(tmp_path, capsys):
+    model = wan_model(torch.bfloat16)
+    model_path = str(tmp_path / "model.safetensors")
+    save_file(model, model_path)
+    up, down = lora_pair(48, 64, 4, seed=25)
+    broken_up = up.clone()
+    broken_up[3, 1] = float("nan")
+    broken_down = down.clone()
+    broken_down[0, 0] = float("inf")
+    lora = {"lora_unet_blocks_0_ffn_0.alpha": torch.tensor(4.0), "lora_unet_blocks_0_ffn_0.lora_down.weight": broken_down,
+            "lora_unet_blocks_0_ffn_0.lora_up.weight": broken_up}
+    lora_path = str(tmp_path / "diverged.safetensors")
+    save_file(lora, lora_path)
+
+    with pytest.raises(MusubiError, match=r"diverged\.safetensors: lora_unet_blocks_0_ffn_0\.lora_down\.weight holds "
+                                          r"NaN/inf values \(2 of 3 tensors do\)"):
+        load_lora_file(lora_path)
+    out_path = str(tmp_path / "out.safetensors")
+    assert cli.main(["quantize", model_path, "--output_file", out_path, "--lora_weight", lora_path]) == 2
+    error = capsys.readouterr().err
+    assert "diverged.safetensors: lora_unet_blocks_0_ffn_0.lora_down.weight holds NaN/inf" in error, error
+    assert not os.path.exists(out_path)
+
+    # Given as tensors (no file), the merger itself refuses what it would use.
+    with pytest.raises(MusubiError, match=r"LoRA 1: lora_unet_blocks_0_ffn_0\.lora_up\.weight holds NaN/inf"):
+        merge_loras_into_state_dict(model, [({"lora_unet_blocks_0_ffn_0.lora_up.weight": broken_up,
+                                              "lora_unet_blocks_0_ffn_0.lora_down.weight": down}, 1.0)])
+
+
+def test_a_merge_that_is_not_finite_names_the_weight():
+    # A finite LoRA makes a non-finite weight only when the weight was broken already, or when the
+    # sum overflows the weight's dtype (here float16 at a huge strength).
+    model = wan_model(torch.float16)
+    up, down = lora_pair(48, 64, 4, seed=26)
+    lora = {"lora_unet_blocks_0_ffn_0.lora_up.weight": up, "lora_unet_blocks_0_ffn_0.lora_down.weight": down}
+    with pytest.raises(MusubiError, match=r"Merging the LoRA\(s\) into blocks\.0\.ffn\.0\.weight gives values beyond "
+                                          r"what float16 can hold \(strength 1e\+09\)"):
+        merge_loras_into_state_dict(model, [(lora, 1e9)])
+    model["blocks.0.ffn.0.weight"][0, 0] = float("nan")
+    with pytest.raises(MusubiError, match=r"base weight blocks\.0\.ffn\.0\.weight already holds NaN/inf"):
+        merge_loras_into_state_dict(model, [(lora, 1.0)])
+    merged, _ = merge_loras_into_state_dict(wan_model(torch.float16), [(lora, 1.0)])
+    assert torch.isfinite(merged["blocks.0.ffn.0.weight"]).all()

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import files
-from .plan import ARCHITECTURE_CODES, PlannedItem, latent_cache_name, text_cache_name
+from .plan import ARCHITECTURE_CODES, PlannedItem, latent_cache_name, text_cache_name, unreadable_files_message
 from ..errors import MusubiError
 from .pixels import control_pixels, item_pixels
 from .text_embeddings import CAPTION_KEY, TextEmbedding, load_text_embedding, save_text_embedding
@@ -116,13 +116,18 @@ def build_cache(items: list[PlannedItem], architecture: str, encoders: Encoders,
     total, done = len(latent_todo) + len(text_todo), 0
     if progress:
         progress(0, total)
+    # A file whose header was fine can still fail to decode; every such file is collected (its
+    # first error) and all are listed once the rest is encoded and cached.
+    unreadable: dict[str, str] = {}
     for item, path, key in latent_todo:
-        pixels = load_pixels(item)
-        latent = encoders.to_model_space(encoders.encode_pixels(pixels).float().cpu())
-        controls = [encoders.to_model_space(encoders.encode_pixels(c).float().cpu()) for c in load_controls(item)]
-        extras = {} if encoders.encode_image_condition is None else encoders.encode_image_condition(pixels)
-        write_latent_cache(path, latent, architecture, item, key, controls, extras)
-        report.encoded_latents += 1
+        media = _read_media(item, load_pixels, load_controls, unreadable)
+        if media is not None:
+            pixels, control_frames = media
+            latent = encoders.to_model_space(encoders.encode_pixels(pixels).float().cpu())
+            controls = [encoders.to_model_space(encoders.encode_pixels(c).float().cpu()) for c in control_frames]
+            extras = {} if encoders.encode_image_condition is None else encoders.encode_image_condition(pixels)
+            write_latent_cache(path, latent, architecture, item, key, controls, extras)
+            report.encoded_latents += 1
         done += 1
         if progress:
             progress(done, total)
@@ -133,6 +138,11 @@ def build_cache(items: list[PlannedItem], architecture: str, encoders: Encoders,
         done += 1
         if progress:
             progress(done, total)
+    if unreadable:
+        raise MusubiError(
+            f"{where}: {unreadable_files_message(list(unreadable.values()))} The other items are encoded and "
+            "cached; replace or remove these files and run again."
+        )
 
     cached = []
     for item in items:
@@ -141,6 +151,21 @@ def build_cache(items: list[PlannedItem], architecture: str, encoders: Encoders,
         cached.append(CachedItem(item.key, path, os.path.join(item.cache_directory, text_cache_name(item, architecture)),
                                  shape, item.num_repeats, controls))
     return cached, report
+
+
+def _read_media(item: PlannedItem, load_pixels, load_controls, unreadable: dict[str, str]):
+    """``(pixels, control pixels)`` of an item, or None with the error kept in ``unreadable``
+    (by file: a video's windows or a shared control image are listed once)."""
+    try:
+        pixels = load_pixels(item)
+    except MusubiError as error:
+        unreadable.setdefault(item.source, str(error))
+        return None
+    try:
+        return pixels, load_controls(item)
+    except MusubiError as error:
+        unreadable.setdefault(str(error), str(error))  # the message names the control image
+        return None
 
 
 def _check_encoders(latent_todo, text_todo, encoders: Encoders, where: str) -> None:

@@ -21,6 +21,9 @@ from .media import image_size, is_image_file, is_video_file, video_info
 # Architecture → (short code in cache file names, full name in cache metadata), as musubi-tuner names them.
 ARCHITECTURE_CODES = {family.name: (family.cache_code, family.cache_architecture) for family in FAMILIES}
 VIDEO_ARCHITECTURES = VIDEO_FAMILIES
+# How many problems one error lists before it only counts the rest.
+MAX_LISTED_UNREADABLE = 10
+MAX_LISTED_SHORT = 20
 
 
 @dataclass(frozen=True)
@@ -43,22 +46,54 @@ class PlannedItem:
 
 
 def plan_items(specs: list[DatasetSpec], architecture: str, where: str = "dataset") -> list[PlannedItem]:
-    """Every item of every dataset; raises MusubiError listing all problems found."""
+    """Every item of every dataset; raises MusubiError listing all problems found.
+
+    Every file of every dataset is probed before anything is reported, so an unreadable video is
+    listed together with an unreadable image of the same folder (they are separate datasets).
+    """
     if architecture not in ARCHITECTURE_CODES:
         raise MusubiError(f"{where}: architecture {architecture!r} is unknown; choose one of {', '.join(ARCHITECTURE_CODES)}.")
     items: list[PlannedItem] = []
+    unreadable: list[str] = []
+    too_short: list[str] = []
     for spec in specs:
         if spec.kind == "video" and architecture not in VIDEO_ARCHITECTURES:
             raise MusubiError(
                 f"{where}: {spec.source} is a video dataset, but {architecture} trains on images only; "
                 f"use an image dataset or a video architecture ({', '.join(VIDEO_ARCHITECTURES)})."
             )
-        items.extend(_plan_dataset(spec, architecture, where))
+        planned, broken, short = _plan_dataset(spec, architecture, where)
+        items.extend(planned)
+        unreadable.extend(broken)
+        if short:
+            too_short.append(
+                f"{len(short)} video(s) in {spec.source} are shorter than the shortest target_frames "
+                f"({min(spec.target_frames)}): {listing(short, MAX_LISTED_SHORT, ', ')}."
+            )
+    problems = []
+    if unreadable:
+        problems.append(unreadable_files_message(unreadable))
+    if too_short:
+        problems.append(" ".join(too_short) + " Lower target_frames, or remove these videos.")
+    if problems:
+        raise MusubiError(f"{where}: " + " ".join(problems))
     if not items:
         sources = ", ".join(spec.source for spec in specs)
         raise MusubiError(f"{where}: no training items found in {sources}; add images or videos with captions.")
     _check_unique_cache_names(items, architecture, where)
     return items
+
+
+def listing(entries: list[str], limit: int, separator: str = " ") -> str:
+    """The first ``limit`` entries, then how many more there are."""
+    shown = separator.join(entries[:limit])
+    return shown + (f"{separator}… and {len(entries) - limit} more" if len(entries) > limit else "")
+
+
+def unreadable_files_message(errors: list[str]) -> str:
+    """One sentence for every file that could not be read (each error names its file), capped."""
+    text = f"{len(errors)} file(s) cannot be read — {listing(errors, MAX_LISTED_UNREADABLE)}"
+    return text if text.endswith(".") else text + "."
 
 
 def latent_cache_name(item: PlannedItem, architecture: str) -> str:
@@ -71,7 +106,8 @@ def text_cache_name(item: PlannedItem, architecture: str) -> str:
     return f"{item.basename}_{ARCHITECTURE_CODES[architecture][0]}_te.safetensors"
 
 
-def _plan_dataset(spec: DatasetSpec, architecture: str, where: str) -> list[PlannedItem]:
+def _plan_dataset(spec: DatasetSpec, architecture: str, where: str) -> tuple[list[PlannedItem], list[str], list[str]]:
+    """``(items, errors of unreadable files, videos too short)`` of one dataset; the caller reports."""
     entries = _entries(spec, where)
     selector = BucketSelector(spec.resolution, spec.enable_bucket, spec.bucket_no_upscale)
     items: list[PlannedItem] = []
@@ -105,18 +141,7 @@ def _plan_dataset(spec: DatasetSpec, architecture: str, where: str) -> list[Plan
         for window in windows:
             items.append(PlannedItem(key=f"{basename}_{window_suffix(window)}", kind="video", size=(width, height),
                                      bucket=bucket, frames=tuple(usable[i] for i in window), **common))
-    if unreadable:
-        raise MusubiError(
-            f"{where}: {len(unreadable)} file(s) cannot be read — " + " ".join(unreadable[:10])
-            + (" …" if len(unreadable) > 10 else "")
-        )
-    if too_short:
-        raise MusubiError(
-            f"{where}: {len(too_short)} video(s) in {spec.source} are shorter than the shortest target_frames "
-            f"({min(spec.target_frames)}): {', '.join(too_short[:20])}{' …' if len(too_short) > 20 else ''}. "
-            "Lower target_frames, or remove these videos."
-        )
-    return items
+    return items, unreadable, too_short
 
 
 def _entries(spec: DatasetSpec, where: str) -> list[tuple[str, str, list[str]]]:

@@ -129,12 +129,7 @@ def _shard_files(folder: str, node: str) -> list[str]:
     """The weight files of a folder: those its index names, else every .safetensors file."""
     index_path = os.path.join(folder, INDEX_FILE)
     if os.path.isfile(index_path):
-        try:
-            with open(index_path, encoding="utf-8") as stream:
-                weight_map = json.load(stream)["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            raise MusubiError(f"{node}: {index_path} is not a diffusers weight index ({error}).") from None
-        names = sorted(set(weight_map.values()))
+        names = _indexed_files(index_path, node)
         missing = [name for name in names if not os.path.isfile(os.path.join(folder, name))]
         if missing:
             raise MusubiError(
@@ -145,6 +140,36 @@ def _shard_files(folder: str, node: str) -> list[str]:
     if not names:
         raise MusubiError(f"{node}: {folder} has a {CONFIG_FILE} but no .safetensors weights.")
     return [os.path.join(folder, name) for name in names]
+
+
+def _indexed_files(index_path: str, node: str) -> list[str]:
+    """The weight files a diffusers index names, after checking its shape: a JSON object whose
+    ``weight_map`` maps tensor names to file names inside the folder. A hand-edited or damaged
+    index is named instead of failing as a Python error."""
+    def refuse(problem: str) -> MusubiError:
+        return MusubiError(f"{node}: {index_path} is not a usable diffusers weight index: {problem}. "
+                           "Download the index again (or delete it: every .safetensors file in the folder is then read).")
+
+    try:
+        with open(index_path, encoding="utf-8") as stream:
+            index = json.load(stream)
+    except (OSError, ValueError) as error:
+        raise refuse(f"it cannot be read as JSON ({error})") from None
+    if not isinstance(index, dict) or "weight_map" not in index:
+        raise refuse("it has no 'weight_map'")
+    weight_map = index["weight_map"]
+    if not isinstance(weight_map, dict):
+        raise refuse(f"'weight_map' is a {type(weight_map).__name__}, not an object of tensor name → file name")
+    if not weight_map:
+        raise refuse("'weight_map' is empty")
+    for key, name in weight_map.items():
+        if not isinstance(name, str) or not name:
+            raise refuse(f"'weight_map' gives {key!r} the value {name!r}, not a file name")
+        if os.path.isabs(name) or os.path.normpath(name) != os.path.basename(name) or name in (".", ".."):
+            raise refuse(f"'weight_map' gives {key!r} the file {name!r}, which is not a plain file name in the folder")
+        if not name.endswith(".safetensors"):
+            raise refuse(f"'weight_map' gives {key!r} the file {name!r}, which is not a .safetensors file")
+    return sorted(set(weight_map.values()))
 
 
 def _inspect_file(path: str, header: dict, metadata: dict, node: str) -> FramePackSource:

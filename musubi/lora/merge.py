@@ -14,6 +14,11 @@ LoRA in either naming merges into a checkpoint in either naming.
 ``α`` missing or 0 means ``α = r``. The products of all LoRAs on a weight are summed in float32
 and added to the float32 weight, which is rounded back to the weight's dtype once. LoRA keys that
 match no layer are reported, not silently dropped.
+
+NaN/inf never enter a merged model silently: a LoRA file holding any is refused when read (naming
+the file and the first bad tensor), a LoRA given as tensors when its used tensors hold any, and a
+merged weight that comes out non-finite (a base weight already broken, or a sum beyond what the
+weight's dtype can hold) is refused naming the weight.
 """
 
 from __future__ import annotations
@@ -103,7 +108,11 @@ class LoraMerger:
             down = addition.down.to(device=weight.device, dtype=torch.float32)
             product = up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)
             total.add_(product.reshape(weight.shape), alpha=addition.factor)
-        return (weight.to(torch.float32) + total).to(weight.dtype)
+        merged = (weight.to(torch.float32) + total).to(weight.dtype)
+        if not torch.isfinite(merged).all():
+            _refuse_non_finite_merge(key, weight, [usage.strength for usage in self.report.loras
+                                                   if key in usage.merged])
+        return merged
 
     # -- planning --
 
@@ -130,6 +139,10 @@ class LoraMerger:
                 continue
             key = self._key_by_path[path]
             up, down = roles[LORA_UP][1], roles[LORA_DOWN][1]
+            for file_key, tensor in roles.values():
+                if not _is_finite(tensor):
+                    raise MusubiError(f"LoRA {number}: {file_key} holds NaN/inf values; the LoRA is broken "
+                                      "(its training diverged?). Use an earlier checkpoint of it, or retrain.")
             rank = self._check_shapes(number, path, key, up, down)
             alpha = _alpha_value(roles[LORA_ALPHA][1] if LORA_ALPHA in roles else None, rank)
             self._additions.setdefault(key, []).append(_Addition(up, down, float(strength) * alpha / rank))
@@ -165,6 +178,30 @@ class LoraMerger:
         return rank
 
 
+def _is_finite(tensor) -> bool:
+    """Whether a tensor (or a plain number) holds no NaN/inf; integer tensors always do."""
+    if isinstance(tensor, torch.Tensor):
+        return not tensor.is_floating_point() or bool(torch.isfinite(tensor).all())
+    return not isinstance(tensor, float) or math.isfinite(tensor)
+
+
+def first_non_finite_key(tensors) -> str | None:
+    """The first key (in order) whose tensor holds NaN/inf, or None; ``tensors`` yields ``(key, tensor)``."""
+    for key, tensor in tensors:
+        if not _is_finite(tensor):
+            return key
+    return None
+
+
+def _refuse_non_finite_merge(key: str, weight: torch.Tensor, strengths: list[float]) -> None:
+    if not torch.isfinite(weight.float()).all():
+        raise MusubiError(f"The base weight {key} already holds NaN/inf values; the checkpoint is broken — "
+                          "download it again or pick another file.")
+    shown = ", ".join(f"{strength:g}" for strength in strengths)
+    raise MusubiError(f"Merging the LoRA(s) into {key} gives values beyond what {str(weight.dtype).removeprefix('torch.')} "
+                      f"can hold (strength {shown}); lower the strength.")
+
+
 def _alpha_value(alpha, rank: int) -> float:
     if alpha is None:
         return float(rank)
@@ -188,10 +225,17 @@ def merge_loras_into_state_dict(
 
 
 def load_lora_file(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """``(state_dict, metadata)`` of a LoRA .safetensors file; MusubiError for anything else."""
+    """``(state_dict, metadata)`` of a LoRA .safetensors file; MusubiError for anything else,
+    including a LoRA holding NaN/inf (which would merge into a model that only gives NaN)."""
     header, metadata = files.read_header(path)
     try:
         lora_formats.check_is_lora(header)
     except MusubiError as error:
         raise MusubiError(f"{path}: {error}") from error
-    return dict(files.iter_tensors(path)), metadata
+    state_dict = dict(files.iter_tensors(path))
+    bad = first_non_finite_key(state_dict.items())
+    if bad is not None:
+        count = sum(not _is_finite(tensor) for tensor in state_dict.values())
+        raise MusubiError(f"{path}: {bad} holds NaN/inf values ({count} of {len(state_dict)} tensors do); the LoRA is "
+                          "broken (its training diverged?). Use an earlier checkpoint of it, or retrain.")
+    return state_dict, metadata
