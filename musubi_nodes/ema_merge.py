@@ -7,7 +7,7 @@ import os
 import safetensors.torch
 from comfy_api.latest import io, ui
 
-from ..musubi.lora.ema import post_hoc_ema_merge
+from ..musubi.lora.ema import post_hoc_ema_merge, select_run_checkpoints
 from ..musubi.errors import MusubiError
 from .paths import new_output_path, resolve_patterns
 
@@ -27,7 +27,7 @@ class MusubiPostHocEMAMerge(io.ComfyNode):
             inputs=[
                 io.String.Input("checkpoints", multiline=True, default="",
                                 placeholder="my_lora/*.safetensors",
-                                tooltip="LoRA files from the loras folders, one per line: names as Load LoRA lists them, globs such as my_lora/*.safetensors, or absolute paths. At least two."),
+                                tooltip="LoRA files from the loras folders, one per line: names as Load LoRA lists them, globs such as my_lora/*.safetensors, or absolute paths. At least two. A glob takes the step checkpoints (<name>-stepNNNNNN.safetensors) of one training run and leaves out its final LoRA and resume states."),
                 io.String.Input("output_name", default="ema/my_lora_ema",
                                 tooltip="File name inside the first loras folder (sub-folders allowed). An existing file is never overwritten: _00001, _00002… is appended instead."),
                 io.Combo.Input("mode", options=MODES, default="beta",
@@ -50,10 +50,13 @@ class MusubiPostHocEMAMerge(io.ComfyNode):
     @classmethod
     def execute(cls, checkpoints: str, output_name: str, mode: str, beta: float, beta2: float,
                 sigma_rel: float, order: str) -> io.NodeOutput:
-        paths = resolve_patterns(NODE, "loras", checkpoints)
-        output_file = new_output_path(NODE, "loras", output_name)
+        choice = select_run_checkpoints(*checkpoint_lines(checkpoints))
+        if len(choice.files) < 2 and choice.left_out:
+            raise MusubiError(f"{NODE}: need at least two step checkpoints of one run, found {len(choice.files)}; "
+                              f"left out: {left_out_text(choice.left_out)}.")
+        output_file = new_output_path(NODE, "loras", output_name, option="output_name", example="ema/my_lora_ema")
         result = post_hoc_ema_merge(
-            paths, output_file,
+            choice.files, output_file,
             beta=beta,
             beta2=beta2 if mode == "beta_to_beta2" else None,
             sigma_rel=sigma_rel if mode == "sigma_rel" else None,
@@ -61,6 +64,8 @@ class MusubiPostHocEMAMerge(io.ComfyNode):
         )
         lora = safetensors.torch.load_file(result.output_file)
         report = weight_report(result.files, result.weights, result.output_file)
+        if choice.left_out:
+            report += f"\nleft out: {left_out_text(choice.left_out)}"
         return io.NodeOutput(lora, result.output_file, ui=ui.PreviewText(report))
 
     @classmethod
@@ -71,6 +76,24 @@ class MusubiPostHocEMAMerge(io.ComfyNode):
         except MusubiError:
             return float("nan")
         return [(path, os.path.getmtime(path)) for path in paths]
+
+
+def checkpoint_lines(checkpoints: str) -> tuple[list[str], list[str]]:
+    """Every file the lines give, in order, and those named one by one (not through a glob)."""
+    paths, named = [], []
+    for line in (raw.strip() for raw in checkpoints.splitlines()):
+        if not line or line.startswith("#"):
+            continue
+        matches = resolve_patterns(NODE, "loras", line)
+        if os.path.isabs(line) or not any(char in line for char in "*?["):
+            named.extend(matches)
+        paths.extend(path for path in matches if path not in paths)
+    return paths, named
+
+
+def left_out_text(left_out) -> str:
+    """``folder/file (why)`` for each file: a state's network.safetensors says which state it is."""
+    return "; ".join(f"{os.path.basename(os.path.dirname(path))}/{os.path.basename(path)} ({why})" for path, why in left_out)
 
 
 def weight_report(files, weights, output_file) -> str:

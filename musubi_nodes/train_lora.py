@@ -14,15 +14,17 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..musubi.errors import MusubiError
+from ..musubi.files import remove_leftovers
 from ..musubi.training.expert_pair import ExpertPairAdapter
 from ..musubi.lora.formats import from_canonical
 from ..musubi.training.loss_plot import render_loss_curve
 from ..musubi.lora.network import LoRANetwork
 from ..musubi.training.timesteps import TimestepSettings
 from ..musubi.training.loop import TrainCallbacks, Trainer
+from ..musubi.training.checkpoints import plan_run
 from ..musubi.training.settings import TrainSettings
 from .timesteps import TimestepSettingsType
-from .paths import model_folder_root
+from .paths import folder_inside, model_folder_root
 from .adapters import prepare_training
 from .adapters.training_data import training_data_from_inputs
 from .framepack_train import FramePackTrainingSettings
@@ -30,6 +32,7 @@ from .train_settings import CheckpointSettings, CompileSettingsType, DatasetType
 
 NODE = "Train LoRA"
 PROGRESS_EVENT = "musubi.train.progress"
+STATES_FOLDER = "musubi_training_states"  # under ComfyUI's output folder
 
 
 class MusubiTrainLoRA(io.ComfyNode):
@@ -39,7 +42,7 @@ class MusubiTrainLoRA(io.ComfyNode):
             node_id="MusubiTrainLoRA",
             display_name=NODE,
             category="musubi/training",
-            description="Trains a LoRA on a diffusion MODEL with musubi-tuner's method (flow-matching velocity loss, its timestep samplers, optimizers and schedules), saving checkpoints into models/loras/<output_name>/. Cancel keeps a resumable checkpoint. The MODEL output has the LoRA applied.",
+            description="Trains a LoRA on a diffusion MODEL with musubi-tuner's method (flow-matching velocity loss, its timestep samplers, optimizers and schedules), saving checkpoints into models/loras/<output_name>/ and resume states into output/musubi_training_states/. Cancel keeps a resumable checkpoint. The MODEL output has the LoRA applied.",
             is_output_node=True,
             hidden=[io.Hidden.unique_id],
             inputs=[
@@ -53,9 +56,9 @@ class MusubiTrainLoRA(io.ComfyNode):
                 io.Int.Input("gradient_accumulation_steps", default=1, min=1, max=1024, tooltip="Batches per optimizer step."),
                 io.Int.Input("seed", default=42, min=0, max=0xFFFFFFFF, control_after_generate=False,
                              tooltip="Seed of noise, timesteps, data order and LoRA initialisation (kept between runs: an unchanged graph does not train again)."),
-                io.String.Input("output_name", default="my_lora", tooltip="Name of the LoRA; files go to models/loras/<output_name>/."),
+                io.String.Input("output_name", default="my_lora", tooltip="Name of the LoRA; its files go to models/loras/<output_name>/ (resume states to output/musubi_training_states/<output_name>/)."),
                 io.Combo.Input("resume", options=["no", "latest"], default="latest",
-                               tooltip="latest: continue from the newest resumable checkpoint of this output_name if there is one (after a Cancel, say). no: start fresh."),
+                               tooltip="latest: continue from the newest resumable state of this output_name that loads, if there is one (after a Cancel, say); the report says from which step and what changed. no: start fresh. A fresh run never overwrites another run: when output_name already holds one, it becomes <output_name>_2 (…_3, …)."),
                 io.Combo.Input("mixed_precision", options=["no", "bf16", "fp16"], default="no", tooltip="Autocast of the forward pass."),
                 io.Boolean.Input("gradient_checkpointing", default=False, tooltip="Recompute block activations in the backward pass: much less memory, ~30 % slower."),
                 NetworkSettings.Input("network_settings", optional=True, tooltip="From LoRA Network Settings (default: rank 32, alpha 16)."),
@@ -98,7 +101,7 @@ class MusubiTrainLoRA(io.ComfyNode):
             **(checkpoint_settings or {}),
             **(compile_settings or {}),
             "output_dir": output_dir,
-            "output_name": output_name.strip().replace("\\", "/").split("/")[-1],
+            "output_name": os.path.basename(output_dir),
             "max_train_steps": steps,
             "batch_size": batch_size,
             "gradient_accumulation_steps": gradient_accumulation_steps,
@@ -110,6 +113,11 @@ class MusubiTrainLoRA(io.ComfyNode):
         })
         if settings.logging_dir is None and settings.log_with:
             settings = dataclasses.replace(settings, logging_dir=os.path.join(folder_paths.get_output_directory(), "musubi_logs"))
+        # Resume states live where no LoRA list shows them; a new run never overwrites another run's files.
+        settings = dataclasses.replace(settings, state_dir=training_state_dir(settings.output_dir))
+        remove_leftovers(settings.state_dir)  # what a killed earlier save left there
+        plan = plan_run(settings, "latest" if resume == "latest" else None, on_existing="new_name")
+        settings = plan.settings
 
         with torch.inference_mode(False), torch.enable_grad():
             data = training_data_from_inputs(latents, conditioning, dataset)
@@ -123,12 +131,14 @@ class MusubiTrainLoRA(io.ComfyNode):
             try:
                 progress = ProgressReporter(cls.hidden.unique_id, steps)
                 trainer = Trainer(adapter, network, dataset_view, settings, callbacks=progress)
-                result = trainer.train(resume_from="latest" if resume == "latest" else None)
+                result = trainer.train(resume_from=plan.resume_from)
                 lora = from_canonical({k: v.detach().float().cpu() for k, v in network.state_dict().items()}, "comfyui",
                                       adapter.architecture)
             finally:
                 network.remove()
         if result.interrupted:
+            logging.warning("%s: stopped at step %d (state %s); queue again with resume = latest to continue.%s", NODE,
+                            result.global_step, result.last_state_dir, run_report(plan, result, settings).replace("\n", "\n  "))
             comfy.model_management.interrupt_current_processing(False)
             raise comfy.model_management.InterruptProcessingException()
         trained, _ = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0)
@@ -139,11 +149,41 @@ class MusubiTrainLoRA(io.ComfyNode):
         summary = (f"trained steps {result.start_step + 1}–{result.global_step} of {result.total_steps}; "
                    f"final loss {result.losses[-1]:.5f}\n{result.final_lora_path}" if result.losses else
                    f"nothing left to train (resumed at step {result.global_step})\n{result.final_lora_path}")
+        report = run_report(plan, result, settings)
+        if report:
+            logging.info("%s:%s", NODE, report.replace("\n", "\n  "))
+        summary += report
         if isinstance(adapter, ExpertPairAdapter):
             calls = adapter.calls
             summary += (f"\n{calls['high_noise']} batches on the high-noise expert, "
                         f"{calls['low_noise']} batches on the low-noise expert (boundary {adapter.expert_boundary:g})")
         return io.NodeOutput(trained, lora, losses, result.final_lora_path or "", trained_high, ui=loss_ui(cls, result, summary, settings.output_name))
+
+
+def run_report(plan, result, settings) -> str:
+    """Lines for the summary: a new name taken, the state resumed from (and what was skipped or
+    changed since), and where the resume states are — nothing about a run happens unsaid."""
+    lines = []
+    if plan.renamed_from is not None:
+        name = os.path.relpath(settings.output_dir, model_folder_root("loras")).replace(os.sep, "/")
+        lines.append(f"{plan.describe()}; continue this run with output_name {name}")
+    if result.resumed_from:
+        lines.append(f"resumed '{settings.output_name}' from its state of step {result.start_step}: {result.resumed_from}")
+    lines.extend(f"skipped an unreadable newer state: {line}" for line in result.skipped_states)
+    if result.resume_changes:
+        lines.append("settings differ from that state: " + "; ".join(result.resume_changes))
+    if result.state_dirs:
+        lines.append(f"resume states: {os.path.dirname(result.state_dirs[-1])}")
+    return "".join("\n" + line for line in lines)
+
+
+def training_state_dir(output_dir: str) -> str:
+    """output/musubi_training_states/<output_name>/: resume states (optimizer.pt, rng.pt, …) kept out
+    of models/loras, where every LoRA picker would list them as LoRAs."""
+    relative = os.path.relpath(output_dir, model_folder_root("loras"))
+    if relative == os.curdir or relative.startswith(os.pardir):
+        relative = os.path.basename(os.path.normpath(output_dir))
+    return os.path.join(folder_paths.get_output_directory(), STATES_FOLDER, relative)
 
 
 def loss_ui(cls, result, summary: str, name: str) -> dict:
@@ -163,11 +203,11 @@ def loss_ui(cls, result, summary: str, name: str) -> dict:
 
 
 def lora_output_dir(output_name: str) -> str:
-    """models/loras/<output_name>/ — where core Load LoRA finds the checkpoints."""
-    name = output_name.strip().replace("\\", "/").strip("/")
-    if not name or ".." in name.split("/") or os.path.isabs(name):
-        raise MusubiError(f"{NODE}: output_name {output_name!r} must be a plain name such as my_lora (sub-folders allowed, no '..').")
-    return os.path.join(model_folder_root("loras"), *name.split("/"))
+    """models/loras/<output_name>/ — where core Load LoRA finds the checkpoints (the name follows the
+    pack's one rule set for written names). What a killed earlier run left there is cleared first."""
+    output_dir = folder_inside(NODE, "output_name", model_folder_root("loras"), output_name, example="my_lora")
+    remove_leftovers(output_dir)
+    return output_dir
 
 
 class ProgressReporter(TrainCallbacks):

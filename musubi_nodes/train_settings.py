@@ -122,7 +122,7 @@ class MusubiCheckpointSettings(io.ComfyNode):
             node_id="MusubiCheckpointSettings",
             display_name="Checkpoint + Logging Settings",
             category=CATEGORY,
-            description="When Train LoRA saves checkpoints (LoRA files in models/loras/<output_name>/ plus resumable states), in which format, and where it logs.",
+            description="When Train LoRA saves checkpoints (LoRA files in models/loras/<output_name>/, resumable states in output/musubi_training_states/<output_name>/), in which format, and where it logs.",
             inputs=[
                 io.Int.Input("save_every_n_steps", default=0, min=0, max=1_000_000, tooltip="Save a checkpoint every N steps (0 = only at the end and on Cancel)."),
                 io.Int.Input("save_last_n_checkpoints", default=0, min=0, max=1000, tooltip="Keep only the newest N checkpoints (0 = keep all)."),

@@ -67,7 +67,8 @@ def test_every_architecture_trains_and_the_saved_lora_changes_core_sampling(comf
     folder = comfy.models_dir("loras") / f"arch_{arch}"
     assert sorted(p.name for p in folder.glob("*.safetensors")) == [
         f"arch_{arch}-step000001.safetensors", f"arch_{arch}-step000002.safetensors", f"arch_{arch}.safetensors"]
-    assert (folder / f"arch_{arch}-step000002-state").is_dir()
+    assert (comfy.output_dir / "musubi_training_states" / f"arch_{arch}" / f"arch_{arch}-step000002-state").is_dir()
+    assert not list(folder.glob("*-state"))  # resume states stay out of the LoRA folder
     summary = outputs[str(train)]["text"][0]
     loss = float(re.search(r"final loss ([\d.]+)", summary).group(1))
     assert 0 < loss < 100
@@ -132,8 +133,9 @@ def test_cancel_keeps_a_resumable_checkpoint_and_training_resumes(comfy, tiny_mo
     comfy.interrupt()
     entry = comfy.wait(prompt_id, timeout=120)
     assert entry["status"]["status_str"] == "error"  # ComfyUI reports an interrupted prompt as not successful
-    states = sorted(folder.glob("cancelled-step*-state"))
+    states = sorted((comfy.output_dir / "musubi_training_states" / "cancelled").glob("cancelled-step*-state"))
     assert states, "Cancel left no resumable state"
+    assert not list(folder.glob("*-state"))  # resume states stay out of the LoRA folder
     stopped_at = int(re.search(r"step(\d+)", states[-1].name).group(1))
     assert 0 < stopped_at < 100_000
     assert (folder / f"cancelled-step{stopped_at:06d}.safetensors").is_file()
@@ -234,3 +236,26 @@ def test_captions_of_different_lengths_train_in_one_batch(comfy, tiny_model_file
     g.nodes[str(train)]["inputs"]["conditioning"] = both[0]
     losses = _losses(comfy, g, train)
     assert len(losses) == 2 and all(0 < loss < 100 for loss in losses)
+
+
+def test_conditioning_of_another_architecture_is_refused_before_the_first_step(comfy, tiny_model_file, text_embedding_file):
+    # Qwen-Image's 3584-wide text into Wan used to fail inside the model with a matrix-shape error.
+    g, _, positive, train = _training_graph(comfy, "wan21_t2v", tiny_model_file, text_embedding_file, steps=1,
+                                            output_name="foreign_text")
+    g.nodes[str(positive)]["inputs"].update(embedding=text_embedding_file("qwen_image"), architecture="qwen_image")
+    error = comfy.run_error(g.to_dict())
+    assert error.startswith(f"MusubiTrainLoRA (node {train})"), error
+    assert "sample 0's conditioning is 3584 wide, as Qwen-Image's, but this Wan 2.1/2.2 model takes 4096-wide text" in error
+    assert "Encode the captions with the Wan text encoder (umt5_xxl" in error
+    assert "mat1 and mat2" not in error
+
+    # Wan's text (no pooled output) into HunyuanVideo used to fail with KeyError: 'pooled_output'.
+    g, _, positive, train = _training_graph(comfy, "hunyuan_video", tiny_model_file, text_embedding_file, steps=1,
+                                            output_name="no_pooled")
+    g.nodes[str(positive)]["inputs"].update(embedding=text_embedding_file("wan21_t2v"), architecture="wan")
+    error = comfy.run_error(g.to_dict())
+    assert error.startswith(f"MusubiTrainLoRA (node {train})"), error
+    assert "sample 0's conditioning has no pooled output, which this HunyuanVideo model needs (768 wide, from clip_l)" in error
+    assert "as Wan 2.1/2.2's" in error and "the HunyuanVideo text encoders (llava_llama3 + clip_l" in error
+    assert "pooled_output'" not in error
+    assert not (comfy.models_dir("loras") / "no_pooled").exists()

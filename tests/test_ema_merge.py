@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from musubi import cli, files as safetensors_io
-from musubi.lora.ema import (SIGMA_REL_MAX, effective_weights, merge_decays, post_hoc_ema_merge, sigma_rel_of_gamma,
-                              solve_gamma)
+from musubi.lora.ema import (SIGMA_REL_MAX, CheckpointChoice, effective_weights, merge_decays, post_hoc_ema_merge,
+                              select_run_checkpoints, sigma_rel_of_gamma, solve_gamma)
 from musubi.errors import MusubiError
 
 torch.set_num_threads(1)
@@ -464,3 +464,50 @@ def test_cli_reports_bad_input_as_an_error(tmp_path, capsys):
     assert cli.main(["ema-merge", only, "--output_file", str(tmp_path / "x.safetensors"), "--sigma_rel", "0.2"]) == 2
     assert "need at least two checkpoints" in capsys.readouterr().err
     assert listing(tmp_path) == ["a.safetensors"]
+
+
+# --- choosing a run's step checkpoints ---------------------------------------------------------
+
+
+def training_folder(root, run: str, steps, final_step=None, state_steps=()):
+    """What the trainer leaves: step checkpoints, the final LoRA and (older layout) state folders."""
+    folder = root / run
+    folder.mkdir(parents=True)
+    paths = [write_lora(folder, f"{run}-step{step:06d}.safetensors", step, step) for step in steps]
+    final = write_lora(folder, f"{run}.safetensors", 9, 99, metadata={"ss_steps": str(final_step or steps[-1])})
+    states = []
+    for step in state_steps:
+        (folder / f"{run}-step{step:06d}-state").mkdir()
+        states.append(write_lora(folder / f"{run}-step{step:06d}-state", "network.safetensors", step, step))
+    return paths, final, states
+
+
+def test_selection_keeps_one_runs_step_checkpoints_and_says_what_it_left_out(tmp_path):
+    steps, final, states = training_folder(tmp_path, "my_lora", [1, 2, 3], state_steps=[2, 3])
+    choice = select_run_checkpoints(sorted(steps + [final] + states))
+    assert choice.files == steps
+    reasons = dict(choice.left_out)
+    assert set(reasons) == {final, *states}
+    assert reasons[final] == "the final LoRA of run 'my_lora': the same step 3 as my_lora-step000003.safetensors"
+    assert all("resume state folder" in reasons[state] for state in states)
+
+    # A final LoRA of a step that was not saved as a checkpoint is pointed out, and kept when named.
+    steps, final, _ = training_folder(tmp_path, "odd", [100, 200], final_step=250)
+    choice = select_run_checkpoints(steps + [final])
+    assert choice.files == steps and "step 250, not a step checkpoint" in dict(choice.left_out)[final]
+    assert select_run_checkpoints(steps + [final], named=[final]).files == steps + [final]
+
+    # Files named some other way are not filtered.
+    other = [write_lora(tmp_path, name, 1, 1) for name in ("a.safetensors", "b.safetensors")]
+    assert select_run_checkpoints(other) == CheckpointChoice(other, [])
+
+
+def test_selection_refuses_a_mixture_of_runs_naming_them(tmp_path):
+    first, _, _ = training_folder(tmp_path, "my_lora", [1, 2])
+    second, _, _ = training_folder(tmp_path, "my_lora_2", [1, 2, 3])
+    with pytest.raises(MusubiError) as error:
+        select_run_checkpoints(first + second)
+    message = str(error.value)
+    assert "2 training runs" in message
+    assert f"'my_lora' in {tmp_path / 'my_lora'} (2 checkpoints, steps 1–2)" in message
+    assert f"'my_lora_2' in {tmp_path / 'my_lora_2'} (3 checkpoints, steps 1–3)" in message

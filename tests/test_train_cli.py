@@ -120,3 +120,24 @@ def test_first_ctrl_c_requests_a_stop_and_the_second_aborts():
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_second_fresh_run_into_the_same_output_is_refused_and_resume_continues(tmp_path, capsys):
+    toy_cache(tmp_path / "data", count=2)
+    assert main(["train", "--config_file", config_file(tmp_path), "--max_train_steps", "2", "--save_every_n_steps", "1"]) == 0
+    out = tmp_path / "out"
+    before = {name: (out / name / "trainer_state.json" if (out / name).is_dir() else out / name).read_bytes()
+              for name in os.listdir(out)}
+    capsys.readouterr()
+
+    code = main(["train", "--config_file", config_file(tmp_path), "--max_train_steps", "3", "--learning_rate", "1e-2"])
+    assert code == 2
+    error = capsys.readouterr().err
+    assert "already holds files of a run named 'toy'" in error and "resume = 'latest'" in error and "output_name" in error
+    after = {name: (out / name / "trainer_state.json" if (out / name).is_dir() else out / name).read_bytes()
+             for name in os.listdir(out)}
+    assert after == before  # nothing was touched
+
+    assert main(["train", "--config_file", config_file(tmp_path), "--max_train_steps", "3", "--resume", "latest"]) == 0
+    output = capsys.readouterr().out
+    assert f"Resumed from {out / 'toy-step000002-state'} (step 2)." in output and "Done: 3 steps" in output

@@ -9,6 +9,7 @@ comparing two runs that must agree; never from the trainer's own code.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import math
 import os
@@ -23,7 +24,7 @@ from musubi.lora.formats import load_lora_state_dict
 from musubi.lora.network import LoRANetwork
 from musubi.training.adapter import ToyAdapter, load_adapter
 from musubi.training.timesteps import TimestepSettings
-from musubi.training.checkpoints import find_latest_state
+from musubi.training.checkpoints import find_latest_state, plan_run
 from musubi.training.loop import TrainCallbacks, Trainer
 from musubi.training.settings import TrainSettings
 
@@ -565,3 +566,124 @@ def test_load_adapter_specs():
         load_adapter("musubi.training.adapter:flow_matching_velocity", latents=latents, noise=noise)
     with pytest.raises(MusubiError, match="does not take colour"):
         load_adapter("toy", colour="red")
+
+
+# --- runs: where files go, which run a call continues, damaged states ------------------------------
+
+
+def _file_bytes(folder):
+    return {path: open(path, "rb").read() for path in sorted(glob.glob(os.path.join(str(folder), "**", "*"), recursive=True))
+            if os.path.isfile(path)}
+
+
+def _truncate(path):
+    data = open(path, "rb").read()
+    with open(path, "wb") as handle:
+        handle.write(data[: len(data) // 2])
+
+
+def test_a_fresh_run_never_overwrites_another_runs_files(tmp_path):
+    dataset = write_items(tmp_path / "data", [(4, 4, 4)] * 2)
+    first = settings(tmp_path, max_train_steps=2, save_every_n_steps=1)
+    adapter = ToyAdapter()
+    Trainer(adapter, make_network(adapter), dataset, first).train()
+    before = _file_bytes(tmp_path / "out")
+
+    with pytest.raises(MusubiError, match=r"already holds files of a run named 'lora'.*resume = 'latest'.*output_name"):
+        plan_run(first, None)
+    assert plan_run(first, "latest").resume_from == "latest"  # a run with a state continues
+    stateless = dataclasses.replace(first, output_name="stateless", save_state=False, save_every_n_steps=None)
+    adapter = ToyAdapter()
+    Trainer(adapter, make_network(adapter), dataset, stateless).train()
+    with pytest.raises(MusubiError, match="found no resumable state of it, and a fresh run would overwrite"):
+        plan_run(stateless, "latest")
+
+    plan = plan_run(first, None, on_existing="new_name")
+    assert plan.renamed_from == "lora" and plan.settings.output_name == "lora_2"
+    assert plan.settings.output_dir == first.output_dir  # the folder is not named after the run: only the name changes
+    assert "lora-step000001.safetensors" in plan.describe()
+    adapter = ToyAdapter()
+    second = Trainer(adapter, make_network(adapter, seed=1), dataset, plan.settings).train(resume_from=plan.resume_from)
+    assert second.final_lora_path == str(tmp_path / "out" / "lora_2.safetensors")
+    after = _file_bytes(tmp_path / "out")
+    assert {path: after[path] for path in before} == before  # the first run's files are untouched
+    assert plan_run(first, None, on_existing="new_name").settings.output_name == "lora_3"
+
+    # A folder named after the run moves with the new name (the node's my_lora/ → my_lora_2/).
+    named = settings(tmp_path, "lora", max_train_steps=1, state_dir=str(tmp_path / "states" / "lora"))
+    adapter = ToyAdapter()
+    Trainer(adapter, make_network(adapter), dataset, named).train()
+    moved = plan_run(named, None, on_existing="new_name").settings
+    assert (moved.output_dir, moved.state_dir, moved.output_name) == (
+        str(tmp_path / "lora_2"), str(tmp_path / "states" / "lora_2"), "lora_2")
+
+
+def test_states_go_to_state_dir_and_old_states_in_output_dir_still_resume(tmp_path):
+    dataset = write_items(tmp_path / "data", [(4, 4, 4)] * 2)
+    out, states = tmp_path / "out", tmp_path / "states"
+    adapter = ToyAdapter()
+    Trainer(adapter, make_network(adapter), dataset, settings(tmp_path, max_train_steps=4, save_every_n_steps=2)).train()
+    assert (out / "lora-step000004-state").is_dir()  # default: beside the LoRA files, as musubi-tuner
+
+    # The same run continued with a separate state folder: the old state is found, new ones go there.
+    adapter = ToyAdapter()
+    result = Trainer(adapter, make_network(adapter), dataset, settings(
+        tmp_path, max_train_steps=8, save_every_n_steps=2, save_last_n_checkpoints=2, state_dir=str(states),
+    )).train(resume_from="latest")
+    assert result.start_step == 4 and result.resumed_from == str(out / "lora-step000004-state")
+    assert sorted(os.listdir(states)) == ["lora-step000006-state", "lora-step000008-state"]
+    # keep-last-2 pruned the old layout's states with their LoRA files
+    assert sorted(os.listdir(out)) == ["lora-step000006.safetensors", "lora-step000008.safetensors", "lora.safetensors"]
+    assert "max_train_steps 4 → 8" in result.resume_changes
+
+
+def test_resume_falls_back_past_a_damaged_state_and_names_it(tmp_path):
+    dataset = write_items(tmp_path / "data", [(4, 4, 4)] * 2)
+    out = tmp_path / "out"
+
+    def run(steps, resume=None, **values):
+        adapter = ToyAdapter()
+        return Trainer(adapter, make_network(adapter), dataset, settings(
+            tmp_path, max_train_steps=steps, save_every_n_steps=2, **values)).train(resume_from=resume)
+
+    straight = run(6)
+    _truncate(out / "lora-step000006-state" / "network.safetensors")
+    with pytest.raises(MusubiError, match=r"lora-step000006-state/network\.safetensors.*damaged or truncated"):
+        run(8, resume=str(out / "lora-step000006-state"))  # asked for by name: no fallback
+
+    result = run(8, resume="latest")
+    assert result.start_step == 4 and result.resumed_from == str(out / "lora-step000004-state")
+    assert len(result.skipped_states) == 1
+    assert "lora-step000006-state/network.safetensors" in result.skipped_states[0]
+    assert result.losses[:2] == straight.losses[4:6]  # it really continued from step 4
+
+    # Nothing readable left: an error naming every file at fault, nothing trained or written.
+    for step in (2, 4, 6, 8):
+        optimizer = out / f"lora-step{step:06d}-state" / "optimizer.pt"
+        if optimizer.exists():
+            _truncate(optimizer)
+    before = _file_bytes(out)
+    with pytest.raises(MusubiError, match=r"no state of 'lora' could be read.*lora-step000008-state/optimizer\.pt"
+                                          r".*lora-step000002-state/optimizer\.pt"):
+        run(10, resume="latest")
+    assert _file_bytes(out) == before
+
+
+def test_zero_learning_rates_are_explained(tmp_path):
+    dataset = write_items(tmp_path / "data", [(4, 4, 4)] * 2)
+    adapter = ToyAdapter()
+    with pytest.raises(MusubiError, match="learning_rate is 0: nothing would train; set e.g. 1e-4"):
+        Trainer(adapter, make_network(adapter), dataset, settings(tmp_path, learning_rate=0.0))
+    with pytest.raises(MusubiError, match="loraplus_lr_ratio is 0.*never change"):
+        Trainer(adapter, make_network(adapter, loraplus_lr_ratio=0.0), dataset, settings(tmp_path))
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_run_that_fails_before_saving_leaves_no_folder(tmp_path):
+    dataset = write_items(tmp_path / "data", [(4, 4, 4)] * 2)
+    adapter = ToyAdapter()
+    trainer = Trainer(adapter, make_network(adapter), dataset, settings(
+        tmp_path, "nested/out", optimizer_type="NoSuchOptimizer", state_dir=str(tmp_path / "states")))
+    with pytest.raises(MusubiError, match="NoSuchOptimizer"):
+        trainer.train()
+    assert sorted(os.listdir(tmp_path)) == ["data"]

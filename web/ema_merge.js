@@ -1,7 +1,16 @@
-// Post-Hoc EMA Merge: a "pick checkpoints" button that lists the loras folders with
+// Post-Hoc EMA Merge: a "pick checkpoints" button that lists the step checkpoints in the loras
+// folders (<name>-stepNNNNNN.safetensors: no final LoRAs, no files of resume states) with
 // checkboxes and writes the chosen names into the node's `checkpoints` text, one per line.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
+
+// A trainer's step checkpoint, outside any resume state folder ("…-stepNNNNNN-state/").
+const STEP_CHECKPOINT = /(^|\/)[^/]+-step\d{6,}\.safetensors$/;
+const IN_STATE_FOLDER = /-step\d{6,}-state\//;
+function isStepCheckpoint(name) {
+  const path = name.replaceAll("\\", "/");
+  return STEP_CHECKPOINT.test(path) && !IN_STATE_FOLDER.test(path);
+}
 
 function pickerDialog(names, chosen, onDone) {
   const overlay = document.createElement("div");
@@ -15,6 +24,7 @@ function pickerDialog(names, chosen, onDone) {
   filter.placeholder = "filter, e.g. my_lora/";
   const list = document.createElement("div");
   list.style.cssText = "overflow:auto;flex:1;border:1px solid #555;padding:4px";
+  if (!names.length) list.textContent = "No step checkpoints (<name>-stepNNNNNN.safetensors) in the loras folders yet.";
   const boxes = names.map((name) => {
     const label = document.createElement("label");
     label.style.display = "block";
@@ -57,7 +67,7 @@ app.registerExtension({
       const text = this.widgets?.find((w) => w.name === "checkpoints");
       const button = this.addWidget("button", "pick checkpoints…", null, async () => {
         const response = await api.fetchApi("/models/loras");
-        const names = (await response.json()).filter((n) => n.endsWith(".safetensors"));
+        const names = (await response.json()).filter(isStepCheckpoint);
         const chosen = new Set((text?.value ?? "").split("\n").map((s) => s.trim()));
         pickerDialog(names, chosen, (picked) => {
           if (text) text.value = picked.join("\n");

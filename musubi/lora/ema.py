@@ -15,6 +15,10 @@ Two ways to choose the decay ``beta`` of each merge:
   ``beta = (1 - 1/(k + 1)) ** (gamma + 1)`` and checkpoint ``k`` ends with weight
   ``((k + 1)**(gamma + 1) - k**(gamma + 1)) / n**(gamma + 1)``. Every checkpoint, the oldest
   included, contributes; musubi-tuner counts from ``t = 0`` and so discards the oldest file.
+
+:func:`select_run_checkpoints` picks a run's step checkpoints out of what a glob matched: a
+training folder also holds the final LoRA and, from older runs, resume states whose
+``network.safetensors`` would otherwise be merged as if they were checkpoints.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import json
 import math
 import numbers
 import os
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -47,6 +52,10 @@ SIGMA_REL_MAX = _GOLDEN_RATIO**-2.5  # about 0.30028
 
 PROVENANCE_KEY = "ss_post_hoc_ema"
 
+# What the trainer names its files: step checkpoints, and the state folders beside older runs' ones.
+STEP_CHECKPOINT = re.compile(r"(?P<run>.+)-step(?P<step>\d{6,})\.safetensors")
+STATE_FOLDER = re.compile(r".+-step\d{6,}-state")
+
 
 @dataclass
 class EMAMergeResult:
@@ -55,6 +64,75 @@ class EMAMergeResult:
     decays: list[float]  # beta of each merge; decays[i] merges files[i + 1]
     weights: list[float]  # share of each file in the result, sums to 1
     metadata: dict[str, str]  # what was written to the output file
+
+
+@dataclass
+class CheckpointChoice:
+    files: list[str]  # what to merge, in the order given
+    left_out: list[tuple[str, str]]  # (file, why) of what was not taken
+
+
+def select_run_checkpoints(paths: Sequence[str], named: Sequence[str] = ()) -> CheckpointChoice:
+    """The step checkpoints (``<run>-stepNNNNNN.safetensors``) of one training run among ``paths``.
+
+    Files inside a resume state folder are left out, and so is everything else once step
+    checkpoints are among the files (the run's final LoRA repeats a step's weights). Files in
+    ``named`` were asked for one by one and are kept. Files without step names are all kept
+    (checkpoints named some other way). Step checkpoints of several runs (same name and folder
+    = one run) are a MusubiError naming the runs, since averaging across runs mixes unrelated weights.
+    """
+    named = {os.path.abspath(path) for path in named}
+    candidates, left_out = [], []
+    for path in paths:
+        explicit = os.path.abspath(path) in named
+        if not explicit and STATE_FOLDER.fullmatch(os.path.basename(os.path.dirname(os.path.abspath(path)))):
+            left_out.append((path, "inside a resume state folder (the trainer's working copy, not a checkpoint)"))
+        else:
+            candidates.append(path)
+    runs = _runs_of(candidates)
+    if len(runs) > 1:
+        described = "; ".join(
+            f"'{run}' in {folder} ({len(steps)} checkpoint{'s' * (len(steps) != 1)}, steps {min(steps)}–{max(steps)})"
+            for (folder, run), steps in sorted(runs.items())
+        )
+        raise MusubiError(
+            f"the checkpoints belong to {len(runs)} training runs: {described}. Merge the checkpoints of one run, "
+            "e.g. with a glob like '<run folder>/<run>-step*.safetensors'."
+        )
+    if not runs:
+        return CheckpointChoice(list(candidates), left_out)
+    [(folder, run)] = runs
+    steps = runs[(folder, run)]
+    chosen = []
+    for path in candidates:
+        if STEP_CHECKPOINT.fullmatch(os.path.basename(path)) or os.path.abspath(path) in named:
+            chosen.append(path)
+        elif os.path.basename(path) == run + ".safetensors" and os.path.dirname(os.path.abspath(path)) == folder:
+            left_out.append((path, _final_lora_note(path, run, steps)))
+        else:
+            left_out.append((path, f"not a step checkpoint of run '{run}' ({run}-stepNNNNNN.safetensors)"))
+    return CheckpointChoice(chosen, left_out)
+
+
+def _runs_of(paths: Sequence[str]) -> dict[tuple[str, str], list[int]]:
+    """(folder, run name) -> steps of the step checkpoints among ``paths``."""
+    runs: dict[tuple[str, str], list[int]] = {}
+    for path in paths:
+        match = STEP_CHECKPOINT.fullmatch(os.path.basename(path))
+        if match:
+            key = (os.path.dirname(os.path.abspath(path)), match.group("run"))
+            runs.setdefault(key, []).append(int(match.group("step")))
+    return runs
+
+
+def _final_lora_note(path: str, run: str, steps: Sequence[int]) -> str:
+    try:
+        step = int(files.read_header(path)[1].get("ss_steps", ""))
+    except (MusubiError, ValueError, OSError):
+        return f"the final LoRA of run '{run}', not a step checkpoint"
+    if step in steps:
+        return f"the final LoRA of run '{run}': the same step {step} as {run}-step{step:06d}.safetensors"
+    return f"the final LoRA of run '{run}' (step {step}, not a step checkpoint); name it on a line of its own to merge it too"
 
 
 def sigma_rel_of_gamma(gamma: float) -> float:

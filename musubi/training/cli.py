@@ -7,7 +7,8 @@ command under accelerate: ``accelerate launch -m musubi train --config_file my_l
 process trains on its share of the batches; only the main process prints and writes files).
 
 Ctrl-C stops after the current step and saves a resumable checkpoint (a second Ctrl-C aborts at
-once); continue with ``--resume latest``.
+once); continue with ``--resume latest``. Files go into output_dir as in musubi-tuner, but a fresh
+run never overwrites another run's files there: it stops before training and says how to go on.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from ..key_value_args import parse_key_value_args
 from ..data.musubi_cache import open_cache_folder
 from ..lora.network import network_from_args
 from .adapter import load_adapter
+from .checkpoints import plan_run
 from .config import ConfigOption, TrainConfig, config_options, load_train_config
 from .loop import Trainer, TrainCallbacks, TrainResult
 
@@ -77,6 +79,10 @@ def run_cli(args: argparse.Namespace) -> int:
         result = train_from_config(config, progress)
     if not result.is_main_process:
         return 130 if result.interrupted else 0
+    if result.resumed_from:
+        print(f"Resumed from {result.resumed_from} (step {result.start_step}).")
+        for line in result.skipped_states:
+            print(f"  skipped an unreadable newer state: {line}")
     if result.interrupted:
         print(f"Stopped at step {result.global_step}/{result.total_steps}; the state is in {result.last_state_dir}.")
         print("Continue with: --resume latest (or --resume <that folder>).")
@@ -86,7 +92,11 @@ def run_cli(args: argparse.Namespace) -> int:
 
 
 def train_from_config(config: TrainConfig, callbacks: TrainCallbacks | None = None) -> TrainResult:
-    """Build the adapter, the data and the LoRA of ``config`` and train."""
+    """Build the adapter, the data and the LoRA of ``config`` and train.
+
+    Checked first: a run that does not resume must not overwrite another run's files (an error).
+    """
+    plan = plan_run(config.settings, config.resume, on_existing="refuse")
     adapter = load_adapter(config.model, dit=config.dit, **config.model_args)
     dataset = open_cache_folder(config.data_dir)
     settings = config.settings
@@ -101,7 +111,7 @@ def train_from_config(config: TrainConfig, callbacks: TrainCallbacks | None = No
     if config.network_weights:
         network.load_weights(config.network_weights)
     trainer = Trainer(adapter, network, dataset, settings, callbacks)
-    return trainer.train(resume_from=config.resume)
+    return trainer.train(resume_from=plan.resume_from)
 
 
 class ConsoleProgress(TrainCallbacks):

@@ -99,7 +99,7 @@ _BUILD_OPTIONS = (
 
 _TIMESTEP_KINDS = {"str": "str", "float": "float", "bool": "bool", "int | None": "optional int"}
 _TIMESTEP_CHOICES = {"timestep_sampling": METHODS, "weighting_scheme": WEIGHTING_SCHEMES}
-_SAVING_OPTIONS = {"output_dir", "output_name", "save_every_n_steps", "save_every_n_epochs", "save_last_n_checkpoints",
+_SAVING_OPTIONS = {"output_dir", "output_name", "state_dir", "save_every_n_steps", "save_every_n_epochs", "save_last_n_checkpoints",
                    "save_state", "save_precision", "lora_format"}
 _LOGGING_PREFIXES = ("log_", "logging_", "metadata_", "training_comment")
 

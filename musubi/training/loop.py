@@ -9,6 +9,8 @@ Everything that decides what happens next is part of a checkpoint's state folder
 optimizer, lr schedule, all random states (torch, CUDA, python, numpy and the trainer's noise
 generator), and the position in the data. The batch order of an epoch is drawn from a generator
 seeded by (seed, epoch), so training 2N steps gives the same LoRA as N steps, a resume, and N more.
+A state is read completely before anything is restored; ``resume_from="latest"`` falls back past
+states that do not read to the newest one that does, and the result names what it skipped.
 
 Multi-GPU (``accelerate launch``): every process takes its share of each epoch's batches,
 gradients are averaged across processes before each step, and only the main process writes.
@@ -32,7 +34,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ..lora import formats as lora_formats
 from ..compile import compile_for_training
@@ -49,12 +51,16 @@ from .checkpoints import (
     SCHEDULER_FILE,
     STATE_FORMAT,
     TRAINER_STATE_FILE,
+    SavedState,
     checkpoint_path,
-    find_latest_state,
+    final_lora_path,
     last_good_checkpoint,
     prune_checkpoints,
-    read_trainer_state,
+    read_newest_state,
+    read_state,
     state_dir_path,
+    state_root,
+    state_roots,
     write_json,
 )
 from .settings import DEFAULT_TRACKER_NAME, TrainSettings, plain_value
@@ -82,6 +88,9 @@ class TrainResult:
     final_lora_path: str | None = None
     interrupted: bool = False
     is_main_process: bool = True  # False on the other processes of a multi-GPU run (they write nothing)
+    resumed_from: str | None = None  # the state folder this call continued from
+    skipped_states: list[str] = field(default_factory=list)  # newer states that could not be read, and why
+    resume_changes: list[str] = field(default_factory=list)  # "name old → new" of what differs from that state
 
     @property
     def last_state_dir(self) -> str | None:
@@ -137,6 +146,11 @@ class Trainer:
             )
         if not list(network.parameters()):
             raise MusubiError("the LoRA network has no trainable parameters.")
+        if getattr(network, "loraplus_lr_ratio", None) == 0:
+            raise MusubiError(
+                "loraplus_lr_ratio is 0: the lora_up weights would get learning rate 0 and stay at zero, so the LoRA "
+                "would never change; leave it unset (no LoRA+) or use e.g. 4 to 16."
+            )
         twin_roots = getattr(adapter, "twin_lora_roots", None)
         for root in twin_roots() if callable(twin_roots) else []:
             network.attach_twin(root)  # e.g. Wan 2.2 A14B: one LoRA shared by both experts
@@ -147,11 +161,10 @@ class Trainer:
         """Train until the step budget is spent or a callback asks to stop.
 
         ``resume_from``: a state folder, or ``"latest"`` for the newest one of this output_name in
-        output_dir (training starts fresh when there is none).
+        state_dir or output_dir that reads completely (training starts fresh when there is none).
+        Folders are created when their first file is written, so a run that fails early leaves none.
         """
-        settings = self.settings
-        os.makedirs(settings.output_dir, exist_ok=True)
-        accelerator = _make_accelerator(settings)
+        accelerator = _make_accelerator(self.settings)
         try:
             return self._train(accelerator, resume_from)
         finally:
@@ -167,10 +180,11 @@ class Trainer:
         rank, world = accelerator.process_index, accelerator.num_processes
         device = accelerator.device
 
-        state_dir = self._resolve_resume(resume_from)
-        self.resumed_from = None if state_dir is None else os.path.abspath(state_dir)
+        loaded, skipped = self._resolve_resume(resume_from)
+        self.resumed_from = None if loaded is None else os.path.abspath(loaded.folder)
+        self.resumed_step = None if loaded is None else loaded.step
         self.state_saved_at = None
-        saved = read_trainer_state(state_dir) if state_dir else None
+        saved = loaded.trainer_state if loaded is not None else None
         seed = self._choose_seed(saved)
         self.seed = seed
         if saved is None:
@@ -193,8 +207,8 @@ class Trainer:
         adapter.set_gradient_checkpointing(settings.gradient_checkpointing)
         network.to(device)
         network.train()
-        if saved is not None:
-            self._restore_network(state_dir)
+        if loaded is not None:
+            self._restore_network(loaded)
         self.compiled = compile_for_training(adapter, network, settings)  # LoRA hooks attached: they are traced too
 
         optimizer, self.optimizer_description = build_optimizer(
@@ -208,8 +222,11 @@ class Trainer:
         noise_generator = torch.Generator().manual_seed(_derive_seed(seed, "noise", rank))
         progress = _Progress()
         recent_losses: collections.deque[float] = collections.deque(maxlen=max(1, self.steps_per_epoch))
-        if saved is not None:
-            progress = self._restore(state_dir, saved, optimizer, scheduler, noise_generator, recent_losses)
+        resume_changes: list[str] = []
+        if loaded is not None:
+            resume_changes = self._resume_changes(loaded)
+            progress = self._restore(loaded, optimizer, scheduler, noise_generator, recent_losses)
+            del loaded  # the state's tensors now live in the network and the optimizer
         self.optimizer, self.scheduler, self.noise_generator = optimizer, scheduler, noise_generator
         prepared = accelerator.prepare(optimizer)
         set_train_mode(optimizer)
@@ -217,7 +234,8 @@ class Trainer:
         self.started_at = time.time()
         self.session_id = random.Random().randrange(2**31)
         result = TrainResult(global_step=progress.global_step, start_step=progress.global_step, total_steps=total_steps,
-                             is_main_process=accelerator.is_main_process)
+                             is_main_process=accelerator.is_main_process, resumed_from=self.resumed_from,
+                             skipped_states=skipped, resume_changes=resume_changes)
         if accelerator.is_main_process:
             _init_trackers(accelerator, settings, self._hyperparameters())
             _call(self.callbacks, "on_start", progress.global_step, total_steps)
@@ -401,37 +419,42 @@ class Trainer:
         if self.accelerator.is_main_process:
             try:
                 if with_state:
-                    path = state_dir_path(settings.output_dir, settings.output_name, step)
+                    path = state_dir_path(state_root(settings), settings.output_name, step)
                     self._write_state(path, progress, recent_losses, rng_states)
                     result.state_dirs.append(path)
                 lora_path = checkpoint_path(settings.output_dir, settings.output_name, step)
+                os.makedirs(settings.output_dir, exist_ok=True)
                 self._write_lora(lora_path, step, step_epoch)
                 result.checkpoints.append(lora_path)
             except OSError as error:
-                raise MusubiError(f"could not write the checkpoint of step {step} in {settings.output_dir}: {error}. "
+                raise MusubiError(f"could not write the checkpoint of step {step} in {settings.output_dir} "
+                                  f"(states in {state_root(settings)}): {error}. "
                                   "Free disk space or check the folder's permissions.") from error
             if settings.save_last_n_checkpoints:
-                prune_checkpoints(settings.output_dir, settings.output_name, settings.save_last_n_checkpoints, step)
+                prune_checkpoints(settings.output_dir, settings.output_name, settings.save_last_n_checkpoints, step,
+                                  state_roots(settings))
             _call(self.callbacks, "on_checkpoint", lora_path)
         self.accelerator.wait_for_everyone()
 
     def _save_final(self, progress: _Progress, recent_losses, result: TrainResult) -> None:
         settings, step = self.settings, progress.global_step
-        path = state_dir_path(settings.output_dir, settings.output_name, step)
-        need_state = settings.save_state and self.state_saved_at != step and os.path.abspath(path) != self.resumed_from
+        path = state_dir_path(state_root(settings), settings.output_name, step)
+        need_state = settings.save_state and self.state_saved_at != step and self.resumed_step != step
         rng_states = self._gather_rng_states() if need_state else None
         if self.accelerator.is_main_process:
-            final = os.path.join(settings.output_dir, settings.output_name + ".safetensors")
+            final = final_lora_path(settings.output_dir, settings.output_name)
             try:
                 if need_state:
                     self._write_state(path, progress, recent_losses, rng_states)
                     result.state_dirs.append(path)
+                os.makedirs(settings.output_dir, exist_ok=True)
                 self._write_lora(final, step, max(1, math.ceil(step / max(1, self.steps_per_epoch))))
             except OSError as error:
                 raise MusubiError(f"could not write the final LoRA to {settings.output_dir}: {error}. "
                                   "Free disk space or check the folder's permissions.") from error
             if settings.save_last_n_checkpoints and need_state:
-                prune_checkpoints(settings.output_dir, settings.output_name, settings.save_last_n_checkpoints, step)
+                prune_checkpoints(settings.output_dir, settings.output_name, settings.save_last_n_checkpoints, step,
+                                  state_roots(settings))
             result.final_lora_path = final
             _call(self.callbacks, "on_checkpoint", final)
         self.accelerator.wait_for_everyone()
@@ -479,6 +502,7 @@ class Trainer:
         if self.accelerator.scaler is not None:
             files[SCALER_FILE] = lambda file: torch.save(self.accelerator.scaler.state_dict(), file)
         files[TRAINER_STATE_FILE] = lambda file: write_json(file, trainer_state)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         write_folder_atomically(path, files)
 
     def _metadata(self, step: int, epoch: int) -> dict[str, str]:
@@ -534,22 +558,31 @@ class Trainer:
 
     # --- resuming -------------------------------------------------------------------------------
 
-    def _resolve_resume(self, resume_from: str | None) -> str | None:
+    def _resolve_resume(self, resume_from: str | None) -> tuple[SavedState | None, list[str]]:
+        """The state to continue from, read completely, and a line for each newer state skipped.
+
+        ``"latest"`` takes the newest state that reads (state_dir first, then states an older layout
+        left in output_dir); a state folder given by name must read, or the error names its file.
+        """
         settings = self.settings
         if resume_from is None or resume_from == "":
-            return None
+            return None, []
         if resume_from == "latest":
-            latest = find_latest_state(settings.output_dir, settings.output_name)
-            if latest is None:
-                logger.info("resume = 'latest': no state of '%s' in %s yet; starting fresh.", settings.output_name, settings.output_dir)
-            return latest
+            loaded, skipped = read_newest_state(settings.output_dir, settings.output_name, state_roots(settings))
+            if loaded is None:
+                logger.info("resume = 'latest': no state of '%s' in %s yet; starting fresh.", settings.output_name,
+                            " or ".join(state_roots(settings)))
+            elif skipped:
+                logger.warning("resume = 'latest': continuing from %s (step %d); skipped newer states: %s",
+                               loaded.folder, loaded.step, "; ".join(skipped))
+            return loaded, skipped
         if os.path.isfile(resume_from):
             raise MusubiError(f"resume: {resume_from} is a file; give its state folder '<name>-stepNNNNNN-state' or 'latest'.")
         if not os.path.isdir(resume_from):
             raise MusubiError(f"resume: state folder {resume_from} not found; give a '<name>-stepNNNNNN-state' folder or 'latest'.")
         if not os.path.isfile(os.path.join(resume_from, TRAINER_STATE_FILE)):
             raise MusubiError(f"resume: {resume_from} is not a complete training state (no {TRAINER_STATE_FILE}).")
-        return resume_from
+        return read_state(resume_from), []
 
     def _choose_seed(self, saved: dict | None) -> int:
         requested = self.settings.seed
@@ -559,43 +592,41 @@ class Trainer:
             return int(saved["seed"])
         return requested if requested is not None else random.SystemRandom().randrange(2**32)
 
-    def _restore_network(self, state_dir: str) -> None:
-        weights = load_file(os.path.join(state_dir, NETWORK_FILE), device="cpu")
+    def _restore_network(self, loaded: SavedState) -> None:
+        weights = loaded.network
         current = {key: tuple(value.shape) for key, value in self.network.state_dict().items()}
         stored = {key: tuple(value.shape) for key, value in weights.items()}
         if current != stored:
             differing = sorted(set(current) ^ set(stored)) or sorted(k for k in current if current[k] != stored[k])
             raise MusubiError(
-                f"resume: the state in {state_dir} holds a LoRA of another layout ({', '.join(differing[:4])} …); "
+                f"resume: the state in {loaded.folder} holds a LoRA of another layout ({', '.join(differing[:4])} …); "
                 "network_dim, network_args and the model must be those of the interrupted run."
             )
         self.network.load_state_dict(weights)
 
-    def _restore(self, state_dir, saved, optimizer, scheduler, noise_generator, recent_losses) -> _Progress:
-        accelerator = self.accelerator
-        self._warn_about_changes(saved, state_dir)
+    def _restore(self, loaded: SavedState, optimizer, scheduler, noise_generator, recent_losses) -> _Progress:
+        accelerator, state_dir, saved = self.accelerator, loaded.folder, loaded.trainer_state
         try:
-            optimizer.load_state_dict(torch.load(os.path.join(state_dir, OPTIMIZER_FILE), map_location="cpu", weights_only=True))
-        except (ValueError, KeyError, RuntimeError) as error:
+            optimizer.load_state_dict(loaded.optimizer)
+        except (ValueError, KeyError, RuntimeError, TypeError) as error:
             raise MusubiError(f"resume: the optimizer state in {state_dir} does not fit this optimizer ({error}); "
                               "optimizer_type, optimizer_args and network_args must be those of the interrupted run.") from error
-        scheduler_state = torch.load(os.path.join(state_dir, SCHEDULER_FILE), map_location="cpu", weights_only=True)
+        scheduler_state = dict(loaded.scheduler)
         if "lr_lambdas" in scheduler_state:
             # The schedule's shape comes from the current settings (a longer run may have been asked for).
             scheduler_state["lr_lambdas"] = [None] * len(scheduler_state["lr_lambdas"])
         scheduler.load_state_dict(scheduler_state)
-        scaler_file = os.path.join(state_dir, SCALER_FILE)
-        if accelerator.scaler is not None and os.path.isfile(scaler_file):
-            accelerator.scaler.load_state_dict(torch.load(scaler_file, map_location="cpu", weights_only=True))
-        rng_states = torch.load(os.path.join(state_dir, RNG_FILE), map_location="cpu", weights_only=True)
+        if accelerator.scaler is not None and loaded.scaler is not None:
+            accelerator.scaler.load_state_dict(loaded.scaler)
         rank = accelerator.process_index
-        _restore_rng_state(rng_states[rank % len(rng_states)], noise_generator)
+        _restore_rng_state(loaded.rng[rank % len(loaded.rng)], noise_generator)
         recent_losses.extend(saved.get("recent_losses", []))
         logger.info("Resumed from %s at step %d.", state_dir, saved["global_step"])
         return _Progress(int(saved["global_step"]), int(saved["epoch"]), int(saved["position"]))
 
-    def _warn_about_changes(self, saved: dict, state_dir: str) -> None:
-        changes = []
+    def _resume_changes(self, loaded: SavedState) -> list[str]:
+        """What differs between the state's run and this one ("name old → new"), also warned about."""
+        saved, changes = loaded.trainer_state, []
         facts = {
             "dataset_size": len(self.dataset),
             "num_processes": self.accelerator.num_processes,
@@ -611,13 +642,15 @@ class Trainer:
                 if key == "seed" and value is None:
                     continue  # no seed asked for: the state's seed is used
                 if key in before and before[key] != plain_value(value):
-                    changes.append(f"{key} {before[key]!r} → {value!r}")
+                    note = " (the state's seed is kept)" if key == "seed" else ""
+                    changes.append(f"{key} {before[key]!r} → {value!r}{note}")
         if changes:
             warnings.warn(
-                f"resume from {state_dir}: {'; '.join(changes)}. Training continues, but it will not match an "
+                f"resume from {loaded.folder}: {'; '.join(changes)}. Training continues, but it will not match an "
                 "uninterrupted run.",
-                stacklevel=5,
+                stacklevel=4,
             )
+        return changes
 
 
 # --- flow matching -----------------------------------------------------------------------------

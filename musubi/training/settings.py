@@ -2,7 +2,7 @@
 
 The same table feeds the TOML config, the command line and the Train LoRA node, so an option is
 declared once; ``result_settings`` are the ones that change the trained weights (a resume
-with different ones is warned about).
+with different ones is warned about and reported in the result).
 """
 
 from __future__ import annotations
@@ -104,6 +104,7 @@ class TrainSettings:
 
     output_dir: str | None = _option(None, "optional str", "folder for checkpoints, states and the final LoRA (required)", affects_result=False)
     output_name: str = _option("lora", "str", "base name of the saved files", affects_result=False)
+    state_dir: str | None = _option(None, "optional str", "folder for the resumable state folders (default: output_dir)", affects_result=False)
     learning_rate: float = _option(2e-6, "float", "learning rate (LoRA typically 1e-4)")
     optimizer_type: str = _option("AdamW", "str", "AdamW, AdamW8bit, Adafactor, Prodigy, *ScheduleFree, a torch.optim name or package.module.Class")
     optimizer_args: Any = _option(None, "key values", "optimizer settings, e.g. ['weight_decay=0.01', 'betas=(0.9,0.99)']")
@@ -162,6 +163,9 @@ class TrainSettings:
             raise MusubiError(f"output_name must be a plain file name without folders, got {self.output_name!r}.")
         if not (math.isfinite(self.learning_rate) and self.learning_rate >= 0):
             raise MusubiError(f"learning_rate must be a finite number ≥ 0, got {self.learning_rate}.")
+        if self.learning_rate == 0:
+            raise MusubiError("learning_rate is 0: nothing would train; set e.g. 1e-4 (about 1.0 for Prodigy and other "
+                              "optimizers that find their own step size).")
         if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0):
             raise MusubiError(f"max_grad_norm must be a finite number ≥ 0 (0 = no clipping), got {self.max_grad_norm}.")
         for name in ("max_train_steps", "batch_size", "gradient_accumulation_steps"):
