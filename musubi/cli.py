@@ -1,4 +1,4 @@
-"""``python -m musubi <command> …`` — one sub-command per feature.
+"""python -m musubi <command> …: one sub-command per feature.
 
 Each command lives in its own module exposing ``add_cli_arguments(parser)`` and
 ``run_cli(args) -> int``; only the module of the command being run is imported.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,6 +20,8 @@ from musubi.lora.network import LoRANetwork
 from musubi.training.adapter import ToyAdapter
 from musubi.files import read_header
 from musubi.training.cli import ConsoleProgress, _stop_on_ctrl_c, add_cli_arguments
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 torch.set_num_threads(1)
 
@@ -141,3 +144,22 @@ def test_a_second_fresh_run_into_the_same_output_is_refused_and_resume_continues
     assert main(["train", "--config_file", config_file(tmp_path), "--max_train_steps", "3", "--resume", "latest"]) == 0
     output = capsys.readouterr().out
     assert f"Resumed from {out / 'toy-step000002-state'} (step 2)." in output and "Done: 3 steps" in output
+
+
+@pytest.mark.parametrize("command", ["train", "ema-merge", "timesteps", "quantize"])
+def test_command_help_says_each_default_once_in_plain_text(command):
+    result = subprocess.run([sys.executable, "-m", "musubi", command, "--help"], capture_output=True, text=True,
+                            cwd=REPO_ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())
+    assert not re.search(r"\(default[^)]*\) \(default", text), text
+    assert "``" not in text
+
+
+def test_top_level_help_is_plain_text_and_the_learning_rate_default_is_explained():
+    top = subprocess.run([sys.executable, "-m", "musubi", "--help"], capture_output=True, text=True, cwd=REPO_ROOT,
+                         timeout=120)
+    assert "``" not in top.stdout and "one sub-command per feature" in top.stdout
+    train = " ".join(subprocess.run([sys.executable, "-m", "musubi", "train", "--help"], capture_output=True, text=True,
+                                    cwd=REPO_ROOT, timeout=120).stdout.split())
+    assert "the default is musubi-tuner's" in train and "(default: 2e-06)" in train

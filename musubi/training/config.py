@@ -129,7 +129,9 @@ def config_options() -> dict[str, ConfigOption]:
 def _timestep_helps() -> dict[str, str]:
     parser = argparse.ArgumentParser(add_help=False)
     add_timestep_arguments(parser)
-    return {action.dest: (action.help or "").replace("%(default)s", str(action.default)) for action in parser._actions}
+    # The command line adds "(default: …)" itself, from the option's default.
+    return {action.dest: (action.help or "").replace(" (default: %(default)s)", "").replace("%(default)s", str(action.default))
+            for action in parser._actions}
 
 
 def read_config_file(path: str) -> tuple[dict[str, Any], str]:

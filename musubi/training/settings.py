@@ -105,7 +105,7 @@ class TrainSettings:
     output_dir: str | None = _option(None, "optional str", "folder for checkpoints, states and the final LoRA (required)", affects_result=False)
     output_name: str = _option("lora", "str", "base name of the saved files", affects_result=False)
     state_dir: str | None = _option(None, "optional str", "folder for the resumable state folders (default: output_dir)", affects_result=False)
-    learning_rate: float = _option(2e-6, "float", "learning rate (LoRA typically 1e-4)")
+    learning_rate: float = _option(2e-6, "float", "learning rate; the default is musubi-tuner's, which suits full fine-tuning: LoRAs usually train at 1e-4 to 2e-4")
     optimizer_type: str = _option("AdamW", "str", "AdamW, AdamW8bit, Adafactor, Prodigy, *ScheduleFree, a torch.optim name or package.module.Class")
     optimizer_args: Any = _option(None, "key values", "optimizer settings, e.g. ['weight_decay=0.01', 'betas=(0.9,0.99)']")
     lr_scheduler: str = _option("constant", "str", "learning-rate schedule", choices=SCHEDULER_NAMES)
