@@ -12,15 +12,19 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import secrets
 import shutil
 import stat
+import sys
 import threading
 import time
 import unicodedata
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import safetensors.torch
 import torch
@@ -48,6 +52,26 @@ def read_header(path: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     ``metadata`` is ``{}`` when the file has none. Raises MusubiError naming the file when it is
     missing, unreadable, or not a well-formed safetensors file.
     """
+    layout = read_layout(path)
+    return {name: (entry.dtype, entry.shape) for name, entry in layout.tensors.items()}, layout.metadata
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    dtype: str  # safetensors' name: BF16, F8_E4M3, …
+    shape: tuple[int, ...]
+    start: int  # byte offset in the file
+    length: int  # bytes
+
+
+@dataclass(frozen=True)
+class FileLayout:
+    tensors: dict[str, TensorEntry]
+    metadata: dict[str, str]
+
+
+def read_layout(path: str) -> FileLayout:
+    """Where each tensor of a safetensors file lies, read from its header alone (checked as :func:`read_header`)."""
     if not os.path.exists(path):
         raise MusubiError(f"{path}: file not found; check the path.")
     if os.path.isdir(path):
@@ -76,8 +100,9 @@ def read_header(path: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     if not isinstance(metadata, dict) or not all(isinstance(value, str) for value in metadata.values()):
         raise _not_safetensors(path, "the __metadata__ entry is not a map of strings")
 
-    data_size = file_size - 8 - header_length
-    tensor_infos: dict[str, TensorInfo] = {}
+    data_start = 8 + header_length
+    data_size = file_size - data_start
+    tensors: dict[str, TensorEntry] = {}
     for name, info in header.items():
         try:
             dtype = info["dtype"]
@@ -87,8 +112,8 @@ def read_header(path: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             raise _not_safetensors(path, f"the header entry of tensor '{name}' is malformed") from error
         if not isinstance(dtype, str) or not 0 <= begin <= end <= data_size:
             raise _not_safetensors(path, f"tensor '{name}' lies outside the file (truncated download?)")
-        tensor_infos[name] = (dtype, shape)
-    return tensor_infos, dict(metadata)
+        tensors[name] = TensorEntry(dtype, shape, data_start + begin, end - begin)
+    return FileLayout(tensors, dict(metadata))
 
 
 def _not_safetensors(path: str, reason: str) -> MusubiError:
@@ -118,17 +143,122 @@ _SAFETENSORS_DTYPE_NAMES = {
 }
 
 
+# safetensors dtype names -> torch dtypes (those this torch has).
+_TORCH_DTYPES = {
+    name: getattr(torch, attribute)
+    for name, attribute in (("F64", "float64"), ("F32", "float32"), ("F16", "float16"), ("BF16", "bfloat16"),
+                            ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("I64", "int64"), ("I32", "int32"),
+                            ("I16", "int16"), ("I8", "int8"), ("U8", "uint8"), ("U16", "uint16"), ("U32", "uint32"),
+                            ("U64", "uint64"), ("BOOL", "bool"))
+    if hasattr(torch, attribute)
+}
+SAFETENSORS_DTYPES = {dtype: name for name, dtype in _TORCH_DTYPES.items()}
+
+
 def iter_tensors(path: str, names: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, tensor)`` of a file one tensor at a time, so only one is loaded at once.
 
-    ``names`` restricts (and orders) what is read; by default every tensor in file order.
+    ``names`` restricts (and orders) what is read; by default every tensor in file order. Each
+    tensor is read into memory of its own with plain reads, not through a memory map: a map
+    keeps every page it touched resident until it closes, so going through a 28 GB checkpoint
+    would end with all of it counted in the process's memory.
     """
+    layout = read_layout(path)
+    if sys.byteorder != "little":  # the file's bytes are little-endian; let safetensors convert
+        yield from _iter_tensors_mapped(path, names)
+        return
+    order = list(layout.tensors) if names is None else list(names)
+    try:
+        with open(path, "rb", buffering=0) as file:
+            for name in order:
+                entry = layout.tensors.get(name)
+                if entry is None:
+                    raise MusubiError(f"{path}: cannot read tensors (no tensor named {name!r}).")
+                yield name, _read_tensor(file, entry, path, name)
+    except OSError as error:
+        raise MusubiError(f"{path}: cannot read tensors ({error.strerror or error}).") from error
+
+
+def _read_tensor(file, entry: TensorEntry, path: str, name: str) -> torch.Tensor:
+    dtype = _TORCH_DTYPES.get(entry.dtype)
+    if dtype is None:
+        raise MusubiError(f"{path}: tensor {name!r} has the dtype {entry.dtype}, which this torch cannot hold.")
+    expected = math.prod(entry.shape) * dtype.itemsize
+    if expected != entry.length:
+        raise _not_safetensors(path, f"tensor '{name}' takes {entry.length} bytes, not the {expected} its shape needs")
+    if entry.length == 0:
+        return torch.empty(entry.shape, dtype=dtype)
+    buffer = bytearray(entry.length)
+    file.seek(entry.start)
+    view, read = memoryview(buffer), 0
+    while read < entry.length:
+        count = file.readinto(view[read:])
+        if not count:
+            raise _not_safetensors(path, f"tensor '{name}' ends early (truncated file?)")
+        read += count
+    return torch.frombuffer(buffer, dtype=torch.uint8).view(dtype).reshape(entry.shape)
+
+
+def _iter_tensors_mapped(path: str, names: Iterable[str] | None) -> Iterator[tuple[str, torch.Tensor]]:
     try:
         with safe_open(path, framework="pt", device="cpu") as file:
             for name in list(file.keys()) if names is None else names:
                 yield name, file.get_tensor(name)
     except (OSError, safetensors.SafetensorError) as error:
         raise MusubiError(f"{path}: cannot read tensors ({error}).") from error
+
+
+def stream_save_file(path: str, entries: Sequence[tuple[str, str, tuple[int, ...]]],
+                     tensors: Iterable[tuple[str, torch.Tensor]], metadata: Mapping[str, str] | None = None) -> None:
+    """Write a safetensors file tensor by tensor, as ``tensors`` produces them, atomically.
+
+    ``entries`` — ``(name, safetensors dtype, shape)`` in the order ``tensors`` will yield them —
+    make the header up front, so nothing but the tensor at hand is ever held: a checkpoint of any
+    size is written with the memory of its largest tensor. A tensor that does not match its entry
+    is an error (and no file is left behind).
+    """
+    header: dict[str, Any] = {}
+    offset = 0
+    for name, dtype, shape in entries:
+        torch_dtype = _TORCH_DTYPES.get(dtype)
+        if torch_dtype is None:
+            raise MusubiError(f"{path}: cannot write tensor {name!r} of dtype {dtype}.")
+        length = math.prod(shape) * torch_dtype.itemsize
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + length]}
+        offset += length
+    if metadata:
+        for key, value in metadata.items():
+            if not isinstance(key, str) or not isinstance(value, str):
+                raise MusubiError(f"metadata entry {key!r}: safetensors metadata keys and values must be strings.")
+        header["__metadata__"] = dict(metadata)
+    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)  # tensor data starts 8-byte aligned
+
+    def write(temporary: str) -> None:
+        with open(temporary, "wb") as stream:
+            stream.write(len(encoded).to_bytes(8, "little"))
+            stream.write(encoded)
+            expected = iter(entries)
+            for name, tensor in tensors:
+                entry = next(expected, None)
+                if entry is None or entry[0] != name or SAFETENSORS_DTYPES.get(tensor.dtype) != entry[1] \
+                        or tuple(tensor.shape) != tuple(entry[2]):
+                    raise MusubiError(f"{path}: tensor {name!r} ({tensor.dtype}, {list(tensor.shape)}) does not match "
+                                      f"the header entry {entry!r} written for it.")
+                if tensor.numel():
+                    flat = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+                    stream.write(memoryview(flat.numpy()))
+            missing = next(expected, None)
+            if missing is not None:
+                raise MusubiError(f"{path}: tensor {missing[0]!r} was announced but never given.")
+
+    write_atomically(path, write)
+
+
+def entries_of(tensors: Mapping[str, torch.Tensor]) -> list[tuple[str, str, tuple[int, ...]]]:
+    """The :func:`stream_save_file` entries of tensors held in memory, in their order."""
+    return [(name, SAFETENSORS_DTYPES.get(tensor.dtype, str(tensor.dtype)), tuple(tensor.shape))
+            for name, tensor in tensors.items()]
 
 
 def model_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> tuple[str, str]:

@@ -128,27 +128,41 @@ def quantize_weight(
     if weight.numel() == 0:
         return QuantizedWeight(torch.empty(weight.shape, dtype=dtype, device=weight.device),
                                torch.tensor(MIN_SCALE, dtype=SCALE_DTYPE, device=weight.device), "tensor")
+    if used_mode == "tensor":
+        groups = weight.reshape(-1, weight.shape[-1]) if weight.dim() >= 2 else weight.reshape(1, -1)
+        scale = _scales(_finite_absmax(weight.reshape(1, -1)), largest)
+        codes = torch.empty(groups.shape, dtype=dtype, device=weight.device)
+        divisor = scale.to(torch.float32)
+        for rows in _row_chunks(groups):
+            codes[rows] = _codes(groups[rows].to(torch.float32), divisor, largest)
+        return QuantizedWeight(codes.reshape(weight.shape), scale.reshape(()).contiguous(), used_mode)
     if used_mode == "block":
         out_features, in_features = weight.shape
         groups = weight.reshape(out_features, in_features // block_size, block_size)
-        absmax = _finite_absmax(groups)
-    elif used_mode == "channel":
+    else:  # channel
         groups = weight
-        absmax = _finite_absmax(groups)
-    else:
-        groups = weight.reshape(-1, weight.shape[-1]) if weight.dim() >= 2 else weight.reshape(1, -1)
-        absmax = _finite_absmax(weight.reshape(1, -1))
-
-    scale = (absmax / largest).clamp_(min=MIN_SCALE).to(SCALE_DTYPE)
-    divisor = scale.to(torch.float32)
+    # One pass per chunk of rows: a single float32 copy that stays in cache gives the group
+    # maxima, the scales and the codes (bit-identical to measuring the maxima separately).
     codes = torch.empty(groups.shape, dtype=dtype, device=weight.device)
+    scale = torch.empty(groups.shape[:-1] + (1,), dtype=SCALE_DTYPE, device=weight.device)
     for rows in _row_chunks(groups):
-        part_scale = divisor if divisor.shape[0] == 1 else divisor[rows]
-        part = groups[rows].to(torch.float32) / part_scale
-        codes[rows] = part.nan_to_num_(nan=0.0).clamp_(-largest, largest)
-    if used_mode == "tensor":
-        scale = scale.reshape(())
+        part = groups[rows].to(torch.float32)
+        absmax = part.abs().amax(dim=-1, keepdim=True)
+        if not bool(torch.isfinite(absmax).all()):
+            absmax = torch.nan_to_num(part, nan=0.0, posinf=0.0, neginf=0.0).abs().amax(dim=-1, keepdim=True)
+        scale[rows] = _scales(absmax, largest)
+        codes[rows] = _codes(part, scale[rows].to(torch.float32), largest)
     return QuantizedWeight(codes.reshape(weight.shape), scale.contiguous(), used_mode)
+
+
+def _scales(absmax: torch.Tensor, largest: float) -> torch.Tensor:
+    """The stored (bfloat16) scale of groups with these float32 maxima; never below MIN_SCALE."""
+    return (absmax / largest).clamp_(min=MIN_SCALE).to(SCALE_DTYPE)
+
+
+def _codes(values: torch.Tensor, divisor: torch.Tensor, largest: float) -> torch.Tensor:
+    """float32 values divided by their stored scales, NaN to 0 and clamped to the format's range."""
+    return (values / divisor).nan_to_num_(nan=0.0).clamp_(-largest, largest)
 
 
 # Rows are processed in pieces of about this many elements on the CPU: the float32 temporaries stay
@@ -456,43 +470,67 @@ def quantize_checkpoint(
     """Quantize a safetensors checkpoint in memory, reading one tensor at a time.
 
     Memory peaks at about the output (1 byte per quantized weight) plus one input tensor; the
-    bf16 model is never held whole. ``loras`` (``[(lora_state_dict, strength), …]``) are merged
+    bf16 model is never held whole, and the pages of the input are not kept (see
+    :func:`files.iter_tensors`). ``loras`` (``[(lora_state_dict, strength), …]``) are merged
     into each weight before it is quantized. Returns the tensors, the metadata to store with them
     (the input's own plus the settings under ``musubi.fp8.*``) and what was done.
     """
-    header, metadata = files.read_header(in_path)
-    report = _prepare(header, in_path, architecture, fp8_format, mode, block_size)
-
-    items: Iterable[tuple[str, torch.Tensor]] = files.iter_tensors(in_path)
-    if loras:
-
-        merger = LoraMerger(header, loras, report.architecture)
-        report.lora_report = merger.report
-        items = ((key, merger.merge(key, tensor)) for key, tensor in items)
-
-    output = dict(_quantize_items(items, report))
-    out_metadata = dict(metadata)
-    out_metadata.update({
-        METADATA_PREFIX + "format": fp8_format,
-        METADATA_PREFIX + "mode": mode,
-        METADATA_PREFIX + "block_size": str(block_size),
-        METADATA_PREFIX + "architecture": report.architecture,
-        METADATA_PREFIX + "scale_dtype": "bfloat16",
-        METADATA_PREFIX + "quantized": str(report.quantized),
-    })
-    return output, out_metadata, report
+    header, metadata, report, items = _quantized_items(in_path, architecture, fp8_format, mode, block_size, loras)
+    output = dict(items)
+    return output, _output_metadata(metadata, report, report.quantized), report
 
 
-def quantize_file(in_path: str, out_path: str, **options) -> QuantizationReport:
-    """``quantize_checkpoint`` written atomically to ``out_path`` (never over the input)."""
+def quantize_file(in_path: str, out_path: str, architecture: str = "auto", fp8_format: str = DEFAULT_FORMAT,
+                  mode: str = DEFAULT_MODE, block_size: int = DEFAULT_BLOCK_SIZE,
+                  loras: list[tuple[Mapping[str, torch.Tensor], float]] | None = None) -> QuantizationReport:
+    """Quantize ``in_path`` into ``out_path`` (never over the input), streaming.
+
+    The output's header is known before any tensor is read (the input's header, the scale shapes
+    and the settings), so each tensor is read, merged, quantized and written in turn: memory stays
+    near the largest single tensor, whatever the checkpoint's size. The file appears atomically.
+    """
     if os.path.abspath(in_path) == os.path.abspath(out_path):
         raise MusubiError(
             f"--output_file {out_path} is the input file; write to a new file (the bf16 original is still "
             "needed to merge LoRAs or change the settings later)."
         )
-    output, metadata, report = quantize_checkpoint(in_path, **options)
-    files.atomic_save_file(output, out_path, metadata)
+    header, metadata, report, items = _quantized_items(in_path, architecture, fp8_format, mode, block_size, loras)
+    entries = []
+    code_dtype = files.SAFETENSORS_DTYPES[fp8_dtype(fp8_format)]
+    for key, (dtype, shape) in header.items():
+        if should_quantize(key, (dtype, shape), report.architecture):
+            entries.append((key, code_dtype, shape))
+            entries.append((scale_key_for(key), files.SAFETENSORS_DTYPES[SCALE_DTYPE], scale_shape(shape, mode, block_size)))
+        else:
+            entries.append((key, dtype, shape))
+    announced = sum(1 for key, info in header.items() if should_quantize(key, info, report.architecture))
+    files.stream_save_file(out_path, entries, items, _output_metadata(metadata, report, announced))
     return report
+
+
+def _quantized_items(in_path, architecture, fp8_format, mode, block_size, loras):
+    """The input's header and metadata, the report to fill, and the lazy stream of output tensors."""
+    header, metadata = files.read_header(in_path)
+    report = _prepare(header, in_path, architecture, fp8_format, mode, block_size)
+    items: Iterable[tuple[str, torch.Tensor]] = files.iter_tensors(in_path)
+    if loras:
+        merger = LoraMerger(header, loras, report.architecture)
+        report.lora_report = merger.report
+        items = ((key, merger.merge(key, tensor)) for key, tensor in items)
+    return header, metadata, report, _quantize_items(items, report)
+
+
+def _output_metadata(metadata: Mapping[str, str], report: QuantizationReport, quantized: int) -> dict[str, str]:
+    out_metadata = dict(metadata)
+    out_metadata.update({
+        METADATA_PREFIX + "format": report.fp8_format,
+        METADATA_PREFIX + "mode": report.mode,
+        METADATA_PREFIX + "block_size": str(report.block_size),
+        METADATA_PREFIX + "architecture": report.architecture,
+        METADATA_PREFIX + "scale_dtype": "bfloat16",
+        METADATA_PREFIX + "quantized": str(quantized),
+    })
+    return out_metadata
 
 
 # --- command line --------------------------------------------------------------------------

@@ -92,7 +92,8 @@ class MusubiLoadDiTFP8Scaled(io.ComfyNode):
             if report.lora_report is not None:
                 summary = report.lora_report.summary() + "\n" + summary
             if target is not None:
-                files.atomic_save_file(state_dict, target, metadata)
+                # Tensor by tensor from the loaded model: no serialised second copy of it in memory.
+                files.stream_save_file(target, files.entries_of(state_dict), state_dict.items(), metadata)
                 summary += f"\nsaved {target}"
 
         options = {"custom_operations": ScaledFP8Ops}

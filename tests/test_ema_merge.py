@@ -288,18 +288,28 @@ def test_keys_only_in_the_oldest_file_pass_through(tmp_path):
 
 
 class LoadTracker:
-    """Wraps safe_open to see how many files are open and how many files' tensors are alive at once."""
+    """Wraps the file reader to see how many files are open and how many files' tensors are alive at once."""
 
-    def __init__(self, real_safe_open):
-        self.real_safe_open = real_safe_open
+    def __init__(self, real_iter_tensors):
+        self.real_iter_tensors = real_iter_tensors
         self.open_handles = 0
         self.max_open_handles = 0
         self.loaded = []  # (path, weak reference, bytes) of float weights handed out
         self.max_files_alive = 0
         self.max_bytes_alive = 0
 
-    def __call__(self, path, framework, device="cpu"):
-        return TrackedHandle(self, self.real_safe_open(path, framework=framework, device=device), path)
+    def __call__(self, path, names=None):
+        def tracked():
+            self.open_handles += 1
+            self.max_open_handles = max(self.max_open_handles, self.open_handles)
+            try:
+                for name, tensor in self.real_iter_tensors(path, names):
+                    self.record(path, name, tensor)
+                    yield name, tensor
+            finally:
+                self.open_handles -= 1
+
+        return tracked()
 
     def record(self, path, name, tensor):
         if tensor.is_floating_point() and not name.endswith(".alpha"):
@@ -309,33 +319,10 @@ class LoadTracker:
         self.max_bytes_alive = max(self.max_bytes_alive, sum(size for _, size in alive))
 
 
-class TrackedHandle:
-    def __init__(self, tracker, handle, path):
-        self.tracker, self.handle, self.path = tracker, handle, path
-
-    def __enter__(self):
-        self.handle.__enter__()
-        self.tracker.open_handles += 1
-        self.tracker.max_open_handles = max(self.tracker.max_open_handles, self.tracker.open_handles)
-        return self
-
-    def __exit__(self, *exc):
-        self.tracker.open_handles -= 1
-        return self.handle.__exit__(*exc)
-
-    def keys(self):
-        return self.handle.keys()
-
-    def get_tensor(self, name):
-        tensor = self.handle.get_tensor(name)
-        self.tracker.record(self.path, name, tensor)
-        return tensor
-
-
 def test_files_are_read_one_at_a_time(tmp_path, run_files, monkeypatch):
     paths, by_mtime = run_files
-    tracker = LoadTracker(safetensors_io.safe_open)
-    monkeypatch.setattr(safetensors_io, "safe_open", tracker)
+    tracker = LoadTracker(safetensors_io.iter_tensors)
+    monkeypatch.setattr(safetensors_io, "iter_tensors", tracker)
     post_hoc_ema_merge(paths, str(tmp_path / "m.safetensors"))
 
     weights_per_file = [name for name, t in lora_tensors(1).items() if t.is_floating_point() and not name.endswith(".alpha")]

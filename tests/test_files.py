@@ -213,3 +213,67 @@ def test_saved_files_and_folders_get_the_permissions_the_umask_gives(tmp_path, u
     assert modes == {tensors_path: file_mode, text_path: file_mode, state: folder_mode,
                      os.path.join(state, "network.safetensors"): file_mode,
                      os.path.join(state, "train_state.json"): file_mode}
+
+
+# --- reading without a memory map, writing as tensors come ---------------------------------------
+
+def every_dtype_tensors() -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(3)
+    base = torch.randn(5, 7, generator=generator) * 3
+    return {
+        "f32": base.clone(), "f16": base.half(), "bf16": base.bfloat16(), "f64": base.double(),
+        "e4m3": base.to(torch.float8_e4m3fn), "e5m2": base.to(torch.float8_e5m2),
+        "i64": torch.arange(12).reshape(3, 4), "i8": torch.arange(-4, 4, dtype=torch.int8), "u8": torch.arange(9, dtype=torch.uint8),
+        "bool": base > 0, "scalar": torch.tensor(2.5), "empty": torch.empty(0, 3), "odd_bytes": torch.arange(3, dtype=torch.int8),
+    }
+
+
+def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal dtype, shape and bytes (fp8 has no equality of its own)."""
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+
+
+def test_iter_tensors_reads_every_dtype_as_safetensors_does(tmp_path):
+    path = str(tmp_path / "all.safetensors")
+    tensors = every_dtype_tensors()
+    safetensors.torch.save_file(tensors, path)
+    reference = safetensors.torch.load_file(path)
+    read = dict(iter_tensors(path))
+    assert set(read) == set(reference)
+    for name, tensor in reference.items():
+        assert same(read[name], tensor), name
+
+
+def test_iter_tensors_names_a_truncated_file_and_a_missing_tensor(tmp_path):
+    path = tmp_path / "cut.safetensors"
+    safetensors.torch.save_file({"a": torch.ones(64), "b": torch.ones(64)}, str(path))
+    with pytest.raises(MusubiError, match="no tensor named 'c'"):
+        list(iter_tensors(str(path), ["c"]))
+    data = path.read_bytes()
+    path.write_bytes(data[:-10])
+    with pytest.raises(MusubiError, match="cut.safetensors"):
+        list(iter_tensors(str(path)))
+
+
+def test_stream_save_file_writes_what_safetensors_reads(tmp_path):
+    tensors = every_dtype_tensors()
+    path = str(tmp_path / "streamed.safetensors")
+    safetensors_io.stream_save_file(path, safetensors_io.entries_of(tensors), iter(tensors.items()), {"note": "x"})
+    loaded = safetensors.torch.load_file(path)
+    assert set(loaded) == set(tensors)
+    for name, tensor in tensors.items():
+        assert same(loaded[name], tensor), name
+    assert read_header(path)[1] == {"note": "x"}
+    with open(path, "rb") as file:
+        header_length = int.from_bytes(file.read(8), "little")
+    assert header_length % 8 == 0  # tensor data starts aligned
+
+
+def test_stream_save_file_refuses_a_tensor_that_differs_from_its_entry_and_leaves_nothing(tmp_path):
+    path = tmp_path / "bad.safetensors"
+    entries = [("a", "F32", (2,)), ("b", "BF16", (3,))]
+    with pytest.raises(MusubiError, match="'b'"):
+        safetensors_io.stream_save_file(str(path), entries, iter([("a", torch.ones(2)), ("b", torch.ones(3))]))
+    with pytest.raises(MusubiError, match="announced but never given"):
+        safetensors_io.stream_save_file(str(path), entries, iter([("a", torch.ones(2))]))
+    assert os.listdir(tmp_path) == []

@@ -16,7 +16,7 @@ from musubi.architectures import detect_architecture
 from musubi.errors import MusubiError
 from musubi.fp8 import (check_not_prequantized, dequantize_state_dict, dequantize_weight,
                         is_scaled_fp8_state_dict, quantize_file, quantize_state_dict, quantize_state_dict_with_report,
-                        quantize_weight, scale_key_for, scale_shape, should_quantize)
+                        quantize_checkpoint, quantize_weight, scale_key_for, scale_shape, should_quantize)
 
 torch.set_num_threads(1)
 
@@ -625,3 +625,66 @@ def test_cli_reports_errors_with_exit_code_2(tmp_path, capsys):
     write_checkpoint(source)
     assert cli.main(["quantize", str(source), "--output_file", str(tmp_path / "x.safetensors"), "--block_size", "0"]) == 2
     assert "block_size" in capsys.readouterr().err
+
+
+# --- the one-pass kernel and the streamed file ---------------------------------------------------
+
+def reference_quantize(weight: torch.Tensor, fp8_format: str, mode: str, block_size: int):
+    """The layout's definition, written plainly: per group, the largest finite |w| in float32 over
+    the format's maximum (never below MIN_SCALE) stored in bfloat16; codes w / stored scale."""
+    from musubi.fp8 import MIN_SCALE, effective_mode, fp8_dtype, fp8_max
+
+    largest = fp8_max(fp8_format)
+    used = effective_mode(weight.shape, mode, block_size)
+    values = weight.to(torch.float32)
+    if used == "block":
+        groups = values.reshape(weight.shape[0], weight.shape[1] // block_size, block_size)
+    elif used == "channel":
+        groups = values
+    else:
+        groups = values.reshape(1, -1)
+    finite = torch.nan_to_num(groups, nan=0.0, posinf=0.0, neginf=0.0)
+    scale = (finite.abs().amax(dim=-1, keepdim=True) / largest).clamp(min=MIN_SCALE).to(torch.bfloat16)
+    codes = (groups / scale.to(torch.float32)).nan_to_num(nan=0.0).clamp(-largest, largest).to(fp8_dtype(fp8_format))
+    return codes.reshape(weight.shape), scale.reshape(()) if used == "tensor" else scale, used
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("mode", ["block", "channel", "tensor"])
+@pytest.mark.parametrize("fp8_format", ["e4m3fn", "e5m2"])
+def test_quantize_weight_is_bit_identical_to_the_definition(dtype, mode, fp8_format):
+    generator = torch.Generator().manual_seed(11)
+    weight = (torch.randn(300, 256, generator=generator) * torch.logspace(-3, 1, 300).unsqueeze(1)).to(dtype)
+    weight[7, 3], weight[100, 200], weight[250, 0] = float("nan"), float("inf"), float("-inf")  # each spoils only its group
+    weight[40] = 0  # an all-zero row gets the floor scale
+    got = quantize_weight(weight, fp8_format, mode, 64)
+    codes, scale, used = reference_quantize(weight, fp8_format, mode, 64)
+    assert got.mode == used
+    assert torch.equal(got.scale, scale)
+    assert torch.equal(got.q.view(torch.uint8), codes.view(torch.uint8))
+
+
+def test_quantize_file_streams_exactly_what_quantize_checkpoint_holds(tmp_path, monkeypatch):
+    generator = torch.Generator().manual_seed(5)
+    state = {
+        "blocks.0.self_attn.q.weight": torch.randn(128, 128, generator=generator).bfloat16(),
+        "blocks.0.self_attn.q.bias": torch.randn(128, generator=generator).bfloat16(),
+        "blocks.0.ffn.0.weight": torch.randn(96, 100, generator=generator).bfloat16(),  # channel fallback
+        "blocks.0.norm3.weight": torch.ones(128).bfloat16(),
+        "head.modulation": torch.randn(1, 2, 128, generator=generator),
+    }
+    source = str(tmp_path / "in.safetensors")
+    save_file(state, source, {"origin": "test"})
+    in_memory, metadata, _ = quantize_checkpoint(source)
+    reads = []
+    real = safetensors_io.iter_tensors
+    monkeypatch.setattr(safetensors_io, "iter_tensors", lambda *args: (reads.append(args) or real(*args)))
+    monkeypatch.setattr(safetensors_io, "atomic_save_file", None)  # the streamed path never builds the whole dict
+    report = quantize_file(source, str(tmp_path / "out.safetensors"))
+    written = load_file(str(tmp_path / "out.safetensors"))
+    assert reads == [(source,)]  # one pass over the input
+    assert list(written) and set(written) == set(in_memory)
+    for key, tensor in in_memory.items():
+        assert written[key].dtype == tensor.dtype and torch.equal(written[key].view(torch.uint8), tensor.view(torch.uint8)), key
+    assert safetensors_io.read_header(str(tmp_path / "out.safetensors"))[1] == metadata
+    assert metadata["origin"] == "test" and metadata["musubi.fp8.quantized"] == str(report.quantized) == "2"
