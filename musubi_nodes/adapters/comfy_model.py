@@ -245,17 +245,15 @@ def frozen_closure(function):
     return copy
 
 
-def _run_block_checkpointed(args, extra):
-    return torch.utils.checkpoint.checkpoint(frozen_closure(extra["original_block"]), args, use_reentrant=False)
+def _checkpointed(args: dict, extra: dict, in_place: bool) -> dict:
+    """Run a block under the reentrant checkpoint: nothing is saved in the forward, and the block
+    is replayed in the backward pass as an ordinary forward.
 
-
-def _run_in_place_block_checkpointed(args, extra):
-    """Checkpointing for blocks that change saved activations in place (Flux, HunyuanVideo).
-
-    The non-reentrant checkpoint cannot replay such blocks; the reentrant one runs the forward
-    without saving anything and replays the block in the backward pass as an ordinary forward,
-    where saved tensors can be copies. Its inputs are cloned because blocks change them in place,
-    and a constant that requires grad makes the LoRA weights of the first block train too.
+    Measured on a tiny Wan (bench/train_step.py), it costs about the recompute itself, where the
+    non-reentrant checkpoint's per-tensor hooks added as much again. A constant that requires
+    grad makes the LoRA weights of the first block train too (the reentrant checkpoint passes
+    gradients only when an input needs them). Blocks that change saved activations in place
+    (Flux, HunyuanVideo) get cloned inputs and keep copies of what they save during the replay.
     """
     block = frozen_closure(extra["original_block"])
     names = [name for name, value in args.items() if isinstance(value, torch.Tensor)]
@@ -263,14 +261,26 @@ def _run_in_place_block_checkpointed(args, extra):
     output_names: list[str] = []
 
     def run(_anchor, *tensors):
-        with torch.autograd.graph.saved_tensors_hooks(_copy_saved, _keep):
-            out = block({**others, **{name: tensor.clone() for name, tensor in zip(names, tensors)}})
+        if in_place:
+            with torch.autograd.graph.saved_tensors_hooks(_copy_saved, _keep):
+                out = block({**others, **{name: tensor.clone() for name, tensor in zip(names, tensors)}})
+        else:
+            out = block({**others, **dict(zip(names, tensors))})
         output_names[:] = list(out)
         return tuple(out[name] for name in output_names)
 
     anchor = torch.zeros((), requires_grad=True)
-    outputs = torch.utils.checkpoint.checkpoint(run, anchor, *[args[name].clone() for name in names], use_reentrant=True)
+    inputs = [args[name].clone() if in_place else args[name] for name in names]
+    outputs = torch.utils.checkpoint.checkpoint(run, anchor, *inputs, use_reentrant=True)
     return dict(zip(output_names, outputs))
+
+
+def _run_block_checkpointed(args, extra):
+    return _checkpointed(args, extra, in_place=False)
+
+
+def _run_in_place_block_checkpointed(args, extra):
+    return _checkpointed(args, extra, in_place=True)
 
 
 class ItemConditions:
