@@ -48,6 +48,17 @@ class MusubiPostHocEMAMerge(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, checkpoints: str | None = None) -> bool | str:
+        """Names and globs that find no LoRA file are reported when the prompt is queued."""
+        if checkpoints is None:  # linked: checked when it arrives
+            return True
+        try:
+            resolve_patterns(NODE, "loras", checkpoints)
+        except MusubiError as error:
+            return str(error)
+        return True
+
+    @classmethod
     def execute(cls, checkpoints: str, output_name: str, mode: str, beta: float, beta2: float,
                 sigma_rel: float, order: str) -> io.NodeOutput:
         choice = select_run_checkpoints(*checkpoint_lines(checkpoints))

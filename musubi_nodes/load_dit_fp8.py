@@ -22,7 +22,7 @@ from ..musubi.fp8 import (
 )
 from ..musubi.lora.merge import load_lora_file
 from .fp8_ops import ScaledFP8Ops, attach_lora_callback
-from .paths import new_output_path
+from .paths import missing_file_message, new_output_path
 
 NODE = "Load DiT (fp8 scaled)"
 COMPUTE_DTYPES = {"default": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -59,52 +59,74 @@ class MusubiLoadDiTFP8Scaled(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, unet_name: str | None = None) -> bool | str:
+        """A missing checkpoint is reported when the prompt is queued, with ComfyUI's own checks
+        (this ComfyUI does not check V3 combo values against their lists)."""
+        return missing_file_message(NODE, "unet_name", "diffusion_models", unet_name) or True
+
+    @classmethod
     def execute(cls, unet_name: str, fp8_format: str, mode: str, block_size: int, compute_dtype: str,
                 architecture: str, loras: str = "", save_as: str = "") -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
         lora_list = parse_lora_lines(loras)
-        header, metadata = files.read_header(path)
-        if looks_like_framepack(header):
-            raise MusubiError(f"{NODE}: {unet_name} is a FramePack transformer; load it with Load FramePack DiT "
-                              "(its fp8_scaled option quantizes the same way).")
-        check_not_prequantized(header, path)
-        if is_scaled_fp8_state_dict(header.keys()):
-            if lora_list:
-                raise MusubiError(
-                    f"{NODE}: {unet_name} is already quantized, so LoRAs cannot be merged into it exactly. "
-                    "Pick the bf16 original to merge them, or load them afterwards with a LoRA loader."
-                )
-            state_dict = safetensors.torch.load_file(path)
-            summary = f"{unet_name}: already block-scaled fp8, loaded as it is"
-        else:
-            # The name is checked before the costly quantizing, not after it.
-            target = new_output_path(NODE, "diffusion_models", save_as, option="save_as",
-                                     example="my_model_fp8") if save_as.strip() else None
-            try:  # the library's refusals (a LoRA unreadable, holding NaN/inf, of another model) name this node
-                loaded_loras = [(load_lora_file(lora_path)[0], strength) for lora_path, strength in lora_list]
-                state_dict, metadata, report = quantize_checkpoint(
-                    path, architecture=architecture, fp8_format=fp8_format, mode=mode,
-                    block_size=block_size, loras=loaded_loras,
-                )
-            except MusubiError as error:
-                raise MusubiError(f"{NODE}: {error}") from error
-            summary = report.summary()
-            if report.lora_report is not None:
-                summary = report.lora_report.summary() + "\n" + summary
-            if target is not None:
-                # Tensor by tensor from the loaded model: no serialised second copy of it in memory.
-                files.stream_save_file(target, files.entries_of(state_dict), state_dict.items(), metadata)
-                summary += f"\nsaved {target}"
-
-        options = {"custom_operations": ScaledFP8Ops}
-        if COMPUTE_DTYPES[compute_dtype] is not None:
-            options["dtype"] = COMPUTE_DTYPES[compute_dtype]
-        model = comfy.sd.load_diffusion_model_state_dict(state_dict, model_options=options)
-        if model is None:
-            raise MusubiError(f"{NODE}: ComfyUI could not detect the model type of {unet_name}.")
-        attach_lora_callback(model)
+        # The name is checked before the costly quantizing, not after it (a file already quantized is not saved again).
+        target = None
+        if save_as.strip() and not is_scaled_fp8_state_dict(files.read_header(path)[0].keys()):
+            target = new_output_path(NODE, "diffusion_models", save_as, option="save_as", example="my_model_fp8")
+        state_dict, metadata, summary, quantized_now = scaled_state_dict(
+            path, unet_name, fp8_format, mode, block_size, architecture, lora_list)
+        if target is not None and quantized_now:
+            # Tensor by tensor from the loaded model: no serialised second copy of it in memory.
+            files.stream_save_file(target, files.entries_of(state_dict), state_dict.items(), metadata)
+            summary += f"\nsaved {target}"
+        model = load_scaled_model(state_dict, COMPUTE_DTYPES[compute_dtype], unet_name)
         summary += "\n" + memory_summary(model.model.diffusion_model)
         return io.NodeOutput(model, ui=ui.PreviewText(summary))
+
+
+def scaled_state_dict(path: str, name: str, fp8_format: str = "e4m3fn", mode: str = "block",
+                      block_size: int = DEFAULT_BLOCK_SIZE, architecture: str = "auto",
+                      lora_list: list[tuple[str, float]] = (), where: str = NODE):
+    """``(state dict, metadata, summary, quantized now)`` of the checkpoint at ``path`` with its
+    transformer-block weights block-scaled to FP8 (LoRAs merged first); a file already in that
+    layout (this node's or musubi-tuner's) is read as it is."""
+    header, metadata = files.read_header(path)
+    if looks_like_framepack(header):
+        raise MusubiError(f"{where}: {name} is a FramePack transformer; load it with Load FramePack DiT "
+                          "(its fp8_scaled option quantizes the same way).")
+    check_not_prequantized(header, path)
+    if is_scaled_fp8_state_dict(header.keys()):
+        if lora_list:
+            raise MusubiError(
+                f"{where}: {name} is already quantized, so LoRAs cannot be merged into it exactly. "
+                "Pick the bf16 original to merge them, or load them afterwards with a LoRA loader."
+            )
+        return safetensors.torch.load_file(path), metadata, f"{name}: already block-scaled fp8, loaded as it is", False
+    try:  # the library's refusals (a LoRA unreadable, holding NaN/inf, of another model) name the caller
+        loaded_loras = [(load_lora_file(lora_path)[0], strength) for lora_path, strength in lora_list]
+        state_dict, metadata, report = quantize_checkpoint(
+            path, architecture=architecture, fp8_format=fp8_format, mode=mode,
+            block_size=block_size, loras=loaded_loras,
+        )
+    except MusubiError as error:
+        raise MusubiError(f"{where}: {error}") from error
+    summary = report.summary()
+    if report.lora_report is not None:
+        summary = report.lora_report.summary() + "\n" + summary
+    return state_dict, metadata, summary, True
+
+
+def load_scaled_model(state_dict: dict, compute_dtype: torch.dtype | None, name: str, where: str = NODE):
+    """A ComfyUI MODEL over a block-scaled FP8 state dict: each matmul dequantizes into the compute
+    dtype, LoRAs loaded later act on the dequantized weights."""
+    options = {"custom_operations": ScaledFP8Ops}
+    if compute_dtype is not None:
+        options["dtype"] = compute_dtype
+    model = comfy.sd.load_diffusion_model_state_dict(state_dict, model_options=options)
+    if model is None:
+        raise MusubiError(f"{where}: ComfyUI could not detect the model type of {name}.")
+    attach_lora_callback(model)
+    return model
 
 
 def parse_lora_lines(text: str) -> list[tuple[str, float]]:

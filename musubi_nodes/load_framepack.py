@@ -50,6 +50,17 @@ def resolve_choice(name: str) -> str:
     return path
 
 
+def missing_choice_message(name: str | None) -> str | None:
+    """Why ``name`` (a FramePack folder or file of the model_name list) cannot be loaded, or None."""
+    if name is None or any(os.path.isdir(os.path.join(root, name)) for root in folder_paths.get_folder_paths(FOLDER)):
+        return None
+    if folder_paths.get_full_path(FOLDER, name) is not None:
+        return None
+    roots = ", ".join(folder_paths.get_folder_paths(FOLDER))
+    return (f"{NODE}: model_name {name!r} is neither a FramePack folder nor a file in the {FOLDER} folders ({roots}); "
+            "put it there or pick one that the list shows.")
+
+
 def _quantized_state_dict(source: FramePackSource) -> tuple[dict[str, torch.Tensor], str]:
     """Block Linear weights as fp8 (e4m3fn, one scale per 64 inputs), one shard at a time."""
     state_dict: dict[str, torch.Tensor] = {}
@@ -82,6 +93,11 @@ class MusubiLoadFramePack(io.ComfyNode):
             ],
             outputs=[io.Model.Output(tooltip="The FramePack transformer; connect it to FramePack Sampler (LoRA loaders may come between).")],
         )
+
+    @classmethod
+    def validate_inputs(cls, model_name: str | None = None) -> bool | str:
+        """A missing model is reported when the prompt is queued, not after the other loaders ran."""
+        return missing_choice_message(model_name) or True
 
     @classmethod
     def execute(cls, model_name: str, weight_dtype: str, fp8_scaled: bool, compute_dtype: str) -> io.NodeOutput:

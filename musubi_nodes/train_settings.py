@@ -9,6 +9,9 @@ from __future__ import annotations
 import folder_paths
 from comfy_api.latest import io
 
+from ..musubi.errors import MusubiError
+from ..musubi.lora.modules import NETWORK_TYPES
+from ..musubi.lora.network import check_type_options
 from ..musubi.training.schedulers import SCHEDULER_NAMES
 from ..musubi.training.optimizers import BUILTIN_OPTIMIZERS
 from .paths import folder_inside
@@ -33,7 +36,7 @@ class MusubiLoRANetworkSettings(io.ComfyNode):
             node_id="MusubiLoRANetworkSettings",
             display_name="LoRA Network Settings",
             category=CATEGORY,
-            description="Rank, alpha, dropouts, LoRA+ and which layers get a LoRA (musubi-tuner's --network_dim/--network_alpha/--network_args).",
+            description="Network type (LoRA, LoHa, LoKr), rank, alpha, dropouts, LoRA+ and which layers get it (musubi-tuner's --network_module/--network_dim/--network_alpha/--network_args).",
             inputs=[
                 io.Int.Input("network_dim", default=32, min=1, max=1024, tooltip="LoRA rank: capacity of the LoRA (16–64 is typical)."),
                 io.Float.Input("network_alpha", default=16.0, min=0.0, max=1024.0, step=0.5,
@@ -47,14 +50,26 @@ class MusubiLoRANetworkSettings(io.ComfyNode):
                                 tooltip="Regexes (one per line, full match on the layer path such as blocks.0.self_attn.q) of layers NOT to train, added to the architecture's defaults (modulation, norms, embeddings)."),
                 io.String.Input("include_patterns", default="", multiline=True,
                                 tooltip="Regexes of excluded layers to train anyway (include wins over exclude)."),
+                io.Combo.Input("network_type", options=list(NETWORK_TYPES), default="lora", optional=True,
+                               tooltip="lora: ΔW = up·down. loha: Hadamard product of two low-rank pairs (more capacity per parameter). lokr: Kronecker product W1 ⊗ W2 (far fewer parameters). Core LoRA loaders apply all three. LoRA+ and network_dropout are LoRA only."),
+                io.Int.Input("lokr_factor", default=-1, min=-1, max=8192, optional=True,
+                             tooltip="LoKr only: how each layer width is split into W1 ⊗ W2. -1: the most balanced split (3072 = 48 × 64); N: N as one part when it divides the width. A rank of at least half of W2's larger side keeps W2 full (scale 1; the report says so)."),
             ],
             outputs=[NetworkSettings.Output("network_settings", tooltip="For Train LoRA.")],
         )
 
     @classmethod
     def execute(cls, network_dim, network_alpha, network_dropout, rank_dropout, module_dropout,
-                loraplus_lr_ratio, exclude_patterns, include_patterns) -> io.NodeOutput:
+                loraplus_lr_ratio, exclude_patterns, include_patterns, network_type="lora", lokr_factor=-1) -> io.NodeOutput:
+        try:
+            check_type_options(network_type, loraplus_lr_ratio or None, network_dropout or None)
+        except MusubiError as error:
+            raise MusubiError(f"LoRA Network Settings: {error}") from error
+        type_options = {"network_type": network_type}
+        if network_type == "lokr":
+            type_options["factor"] = lokr_factor
         return io.NodeOutput({
+            **type_options,
             "network_dim": network_dim,
             "network_alpha": network_alpha,
             "dropout": network_dropout or None,
@@ -131,7 +146,7 @@ class MusubiCheckpointSettings(io.ComfyNode):
                                tooltip="comfyui: diffusion_model.* keys that every ComfyUI LoRA loader applies fully. musubi: lora_unet_* keys for musubi-tuner."),
                 io.Combo.Input("save_precision", options=["float32", "bfloat16", "float16"], default="float32", tooltip="Dtype of the saved LoRA files."),
                 io.Combo.Input("log_with", options=["none", "tensorboard"], default="none", tooltip="Log loss, learning rates and timesteps for TensorBoard."),
-                io.String.Input("logging_dir", default="", tooltip="Folder for logs inside ComfyUI's output folder, e.g. my_logs (default: output/musubi_logs)."),
+                io.String.Input("logging_dir", default="", tooltip="Folder for logs inside ComfyUI's output folder, e.g. my_logs (default: output/musubi_logs); used only when log_with is not none."),
             ],
             outputs=[CheckpointSettings.Output("checkpoint_settings", tooltip="For Train LoRA.")],
         )
@@ -149,7 +164,8 @@ class MusubiCheckpointSettings(io.ComfyNode):
             "lora_format": lora_format,
             "save_precision": save_precision,
             "log_with": None if log_with == "none" else log_with,
-            "logging_dir": logging_dir.strip() or None,
+            # log_with none means no logs: a folder alone would make the trainer log to TensorBoard.
+            "logging_dir": (logging_dir.strip() or None) if log_with != "none" else None,
         })
 
 

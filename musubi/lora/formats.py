@@ -12,8 +12,14 @@ Three layouts name the same tensors of the LoRA on module ``blocks.0.self_attn.q
 * diffusers / PEFT (read only): ``transformer.<path>.lora_A.weight`` (down) / ``.lora_B.weight``
   (up), also with a ``diffusion_model.`` prefix; alpha usually absent, meaning ``α = r``.
 
+LoHa and LoKr modules keep their own tensor names in every layout (``hada_w1_a``, ``hada_w1_b``,
+``hada_w2_a``, ``hada_w2_b``; ``lokr_w1``, ``lokr_w2`` or ``lokr_w2_a``/``lokr_w2_b``; read also
+``lokr_w1_a``/``lokr_w1_b`` and the Tucker ``hada_t1``/``hada_t2``/``lokr_t2``), behind the same
+``diffusion_model.<path>`` or ``lora_unet_<name>`` module key, which is what ComfyUI's loaders apply.
+
 Inside the library a LoRA is held in one *canonical* form: ``<path>.lora_down.weight``,
-``<path>.lora_up.weight`` and ``<path>.alpha`` with ``path`` the module path on the trained tree.
+``<path>.lora_up.weight`` and ``<path>.alpha`` with ``path`` the module path on the trained tree
+(``<path>.hada_w1_a`` … / ``<path>.lokr_w1`` … for LoHa / LoKr).
 Because the kohya layout replaced dots by underscores, its names are resolved back through the
 table of the model's module names, never by guessing which underscores were dots; a name that
 fits several modules is an error.
@@ -42,7 +48,9 @@ PATH_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "
 
 # Canonical tensor suffixes of one module.
 LORA_DOWN, LORA_UP, LORA_ALPHA = ".lora_down.weight", ".lora_up.weight", ".alpha"
-CANONICAL_SUFFIXES = (LORA_DOWN, LORA_UP, LORA_ALPHA)
+LOHA_SUFFIXES = (".hada_w1_a", ".hada_w1_b", ".hada_w2_a", ".hada_w2_b", ".hada_t1", ".hada_t2")
+LOKR_SUFFIXES = (".lokr_w1", ".lokr_w1_a", ".lokr_w1_b", ".lokr_w2", ".lokr_w2_a", ".lokr_w2_b", ".lokr_t2")
+CANONICAL_SUFFIXES = (LORA_DOWN, LORA_UP, LORA_ALPHA) + LOHA_SUFFIXES + LOKR_SUFFIXES
 # File tensor suffix -> canonical suffix.
 _SUFFIXES = {
     ".lora_down.weight": LORA_DOWN,
@@ -50,8 +58,9 @@ _SUFFIXES = {
     ".lora_A.weight": LORA_DOWN,
     ".lora_B.weight": LORA_UP,
     ".alpha": LORA_ALPHA,
+    **{suffix: suffix for suffix in LOHA_SUFFIXES + LOKR_SUFFIXES},
 }
-_OTHER_NETWORK_MARKS = ("hada_w", "lokr_w", ".oft_", ".boft_")
+_OTHER_NETWORK_MARKS = (".oft_", ".boft_")
 _SAVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_LISTED = 8
 
@@ -102,11 +111,50 @@ def to_canonical(
     for path, roles in lora.modules.items():
         for role, (_, tensor) in roles.items():
             canonical[path + role] = tensor
-        if LORA_ALPHA not in roles and LORA_DOWN in roles:
-            rank = roles[LORA_DOWN][1].shape[0]
+        rank = implied_rank({role: tensor for role, (_, tensor) in roles.items()})
+        if LORA_ALPHA not in roles and rank is not None:
             canonical[path + LORA_ALPHA] = torch.tensor(float(rank))
     canonical.update(lora.unresolved)
     return canonical, lora.file_format
+
+
+def module_network_type(suffixes: Iterable[str]) -> str | None:
+    """"lora", "loha" or "lokr" from one module's canonical tensor suffixes (None for an alpha alone);
+    a MusubiError when one module mixes the types."""
+    kinds = set()
+    for suffix in suffixes:
+        if suffix in (LORA_DOWN, LORA_UP):
+            kinds.add("lora")
+        elif suffix in LOHA_SUFFIXES:
+            kinds.add("loha")
+        elif suffix in LOKR_SUFFIXES:
+            kinds.add("lokr")
+    if len(kinds) > 1:
+        raise MusubiError(f"one module of the file mixes {' and '.join(sorted(kinds))} tensors ({', '.join(sorted(suffixes))}).")
+    return kinds.pop() if kinds else None
+
+
+def implied_rank(tensors: Mapping[str, torch.Tensor]) -> int | None:
+    """The rank that ``α / rank`` divides by for one module's canonical tensors (ComfyUI's rule:
+    lora_down's rows, hada_w1_b's, lokr_w2_b's, else lokr_w1_b's); None when nothing is low-rank
+    (a LoKr of two full matrices is applied with scale 1)."""
+    for suffix in (LORA_DOWN, ".hada_w1_b", ".lokr_w2_b", ".lokr_w1_b"):
+        tensor = tensors.get(suffix)
+        if tensor is not None and tensor.dim() >= 1:
+            return int(tensor.shape[0])
+    return None
+
+
+def file_network_type(keys: Iterable[str]) -> str:
+    """The network type of a file's tensor names: "lora", "loha", "lokr", or "mixed"."""
+    kinds = set()
+    for key in keys:
+        suffix = next((s for s in _SUFFIXES if key.endswith(s)), None)
+        if suffix is not None:
+            kind = module_network_type([_SUFFIXES[suffix]])
+            if kind:
+                kinds.add(kind)
+    return kinds.pop() if len(kinds) == 1 else ("mixed" if kinds else "none")
 
 
 class LoraModules(NamedTuple):
@@ -213,10 +261,11 @@ def check_is_lora(keys: Iterable[str]) -> None:
 def _raise_not_a_lora(keys: Iterable[str]) -> None:
     keys = list(keys)
     if any(mark in key for key in keys for mark in _OTHER_NETWORK_MARKS):
-        raise MusubiError("this is a LoHa/LoKr/OFT network, not a LoRA; only LoRA (lora_down/lora_up, lora_A/lora_B) is supported.")
+        raise MusubiError("this is an OFT/BOFT network, not a LoRA; LoRA (lora_down/lora_up, lora_A/lora_B), "
+                          "LoHa (hada_w*) and LoKr (lokr_w*) are supported.")
     sample = ", ".join(keys[:3]) or "no tensors at all"
     raise MusubiError(
-        f"not a LoRA: no lora_down/lora_up or lora_A/lora_B tensors (found {sample}); "
+        f"not a LoRA: no lora_down/lora_up, lora_A/lora_B, LoHa hada_w* or LoKr lokr_w* tensors (found {sample}); "
         "is this a model checkpoint rather than a LoRA?"
     )
 
@@ -248,6 +297,7 @@ def training_metadata(
     network_dim: int,
     network_alpha: float,
     network_args: Mapping[str, Any] | Sequence[str] | None = None,
+    network_module: str | None = None,
     values: Mapping[str, Any] | None = None,
     title: str | None = None,
     resolution: str | int | Sequence[int] | None = None,
@@ -262,6 +312,7 @@ def training_metadata(
 
     ``values`` holds the training facts the caller knows (``learning_rate``, ``seed``, … with or
     without the ``ss_`` prefix); each becomes ``ss_<name>`` as a string (dicts/lists as JSON).
+    ``network_module`` replaces the preset's LoRA module name (``networks.loha`` / ``networks.lokr``).
     """
     preset = get_preset(arch)
     metadata: dict[str, str] = {}
@@ -269,7 +320,7 @@ def training_metadata(
         name = key if key.startswith("ss_") else "ss_" + key
         metadata[name] = _metadata_text(value)
     metadata["ss_base_model_version"] = preset.base_model_version
-    metadata["ss_network_module"] = preset.network_module
+    metadata["ss_network_module"] = network_module or preset.network_module
     metadata["ss_network_dim"] = str(network_dim)
     metadata["ss_network_alpha"] = str(network_alpha)
     if network_args:
@@ -352,10 +403,18 @@ def save_lora(
     tensors = from_canonical(network.state_dict(), format, network.preset, dtype=dtype)
     base = training_metadata(
         network.preset, network.network_dim, network.network_alpha,
-        network_args=getattr(network, "network_args", None) or None,
+        network_args=network_args_of(network),
+        network_module=getattr(network, "network_module", None),
         values={"network_dropout": network.dropout},
     )
     return _write(tensors, path, {**base, **dict(metadata or {})})
+
+
+def network_args_of(network) -> dict[str, str] | None:
+    """The network args a network records in ``ss_network_args`` (None when there are none)."""
+    method = getattr(network, "metadata_network_args", None)
+    args = method() if method is not None else getattr(network, "network_args", None)
+    return args or None
 
 
 def _write(tensors: Mapping[str, torch.Tensor], path: str, metadata: Mapping[str, str]) -> dict[str, str]:

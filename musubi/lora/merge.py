@@ -1,5 +1,9 @@
 """Merge LoRAs into base weights: ``W' = W + m · (U·D) · (α / r)``, before quantizing to fp8.
 
+LoHa and LoKr files merge the same way with their own ``ΔW`` (:mod:`.modules`) and ComfyUI's
+scale rule: ``α / r`` with ``r`` the rank of hada_w1_b (LoHa) or of the low-rank W2 (else W1) of a
+LoKr; a LoKr of two full matrices is applied with scale 1.
+
 Merging must happen on the bf16/fp16 weights: adding a LoRA to fp8 codes ignores their scales
 (musubi-tuner's ``--base_weights`` with ``--fp8_scaled`` does exactly that and gets a wrong model).
 So LoRAs are merged first and the merged weights quantized afterwards; an fp8 base weight is
@@ -34,7 +38,8 @@ from . import formats as lora_formats
 from ..errors import MusubiError
 from ..architectures import WEIGHT_SUFFIX, resolve_architecture, strip_model_prefix
 from ..files import dtype_and_shape
-from .formats import LORA_ALPHA, LORA_DOWN, LORA_UP
+from .formats import LORA_ALPHA, LORA_DOWN, LORA_UP, implied_rank, module_network_type
+from .modules import file_weight_change, file_weight_change_problem, network_type_title
 from .presets import get_preset
 
 MAX_LISTED_KEYS = 5
@@ -71,9 +76,12 @@ class LoraMergeReport:
 
 @dataclass
 class _Addition:
-    up: torch.Tensor
-    down: torch.Tensor
+    up: torch.Tensor | None
+    down: torch.Tensor | None
     factor: float  # strength * alpha / rank
+    # LoHa / LoKr: the module's canonical tensors (up and down are None then)
+    network_type: str = "lora"
+    tensors: dict[str, torch.Tensor] | None = None
 
 
 class LoraMerger:
@@ -104,6 +112,10 @@ class LoraMerger:
             return weight
         total = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         for addition in additions:
+            if addition.tensors is not None:
+                change = file_weight_change(addition.network_type, addition.tensors, tuple(weight.shape), weight.device)
+                total.add_(change, alpha=addition.factor)
+                continue
             up = addition.up.to(device=weight.device, dtype=torch.float32)
             down = addition.down.to(device=weight.device, dtype=torch.float32)
             product = up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)
@@ -134,6 +146,14 @@ class LoraMerger:
         usage = LoraUsage(float(strength))
         unused = list(lora.unresolved)
         for path, roles in lora.modules.items():
+            try:
+                network_type = module_network_type(roles)
+            except MusubiError as error:
+                raise MusubiError(f"LoRA {number}: {path}: {error}") from error
+            if network_type in ("loha", "lokr"):
+                self._plan_weight_change(number, path, roles, network_type, strength)
+                usage.merged.append(self._key_by_path[path])
+                continue
             if LORA_UP not in roles or LORA_DOWN not in roles:
                 unused += [file_key for file_key, _ in roles.values()]
                 continue
@@ -156,14 +176,41 @@ class LoraMerger:
             )
         return usage
 
-    def _check_shapes(self, number, module, key, up: torch.Tensor, down: torch.Tensor) -> int:
-        dtype_name, shape = self._weights[key]
+    def _plan_weight_change(self, number, path, roles, network_type: str, strength: float) -> None:
+        """Plan one LoHa / LoKr module: checked for NaN/inf and against the weight's shape now."""
+        key = self._key_by_path[path]
+        tensors = {role: tensor for role, (_, tensor) in roles.items()}
+        for file_key, tensor in roles.values():
+            if not _is_finite(tensor):
+                raise MusubiError(f"LoRA {number}: {file_key} holds NaN/inf values; the LoRA is broken "
+                                  "(its training diverged?). Use an earlier checkpoint of it, or retrain.")
+        self._refuse_fp8(number, key)
+        _, shape = self._weights[key]
+        problem = file_weight_change_problem(network_type, tensors, tuple(shape))
+        if problem:
+            raise MusubiError(
+                f"LoRA {number}: the {network_type_title(network_type)} module {path} cannot be merged into {key} "
+                f"{list(shape)}: {problem}; the file was trained for a different model size or architecture."
+            )
+        rank = implied_rank(tensors)
+        alpha = roles[LORA_ALPHA][1] if LORA_ALPHA in roles else None
+        scale = 1.0 if rank is None else _alpha_value(alpha, rank) / rank
+        self._additions.setdefault(key, []).append(
+            _Addition(None, None, float(strength) * scale, network_type=network_type,
+                      tensors={role: tensor for role, tensor in tensors.items() if role != LORA_ALPHA}))
+
+    def _refuse_fp8(self, number, key) -> None:
+        dtype_name, _ = self._weights[key]
         if dtype_name.startswith("F8"):
             raise MusubiError(
                 f"LoRA {number}: the base weight {key} is stored as fp8; a LoRA added to fp8 codes is lost or "
                 "scaled wrongly. Merge into the bf16/fp16 original, then quantize the result "
                 "(python -m musubi quantize … --lora_weight …)."
             )
+
+    def _check_shapes(self, number, module, key, up: torch.Tensor, down: torch.Tensor) -> int:
+        dtype_name, shape = self._weights[key]
+        self._refuse_fp8(number, key)
         rank = down.shape[0] if down.dim() >= 1 else 0
         fits = (
             rank > 0 and up.dim() >= 2 and len(shape) >= 2

@@ -19,6 +19,11 @@ Layer selection follows musubi-tuner (see :mod:`.presets` for the per-family def
 
 The network's ``state_dict()`` has one canonical form, keyed by the module path on the model:
 ``<path>.lora_down.weight``, ``<path>.lora_up.weight``, ``<path>.alpha`` (0-dim).
+
+LoHa and LoKr (:class:`LoHaNetwork`, :class:`LoKrNetwork`) select the same layers with the same
+options and attach through the same hooks; only the module on each layer differs (see
+:mod:`.modules`), and their state dicts use their own tensor names (``<path>.hada_w1_a`` …,
+``<path>.lokr_w1`` …). :func:`create_network` builds any of them by type name.
 """
 
 from __future__ import annotations
@@ -31,12 +36,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import formats as lora_formats
 from ..errors import MusubiError
 from ..key_value_args import parse_key_value_args
+from .modules import (
+    NETWORK_TYPES, LayerShape, LoHaModule, LoKrModule, LoRAModule, NetworkModule, layer_kind, network_type_title,
+)
 from .presets import LoraPreset, get_preset
 
 logger = logging.getLogger(__name__)
@@ -55,155 +62,12 @@ KNOWN_NETWORK_ARGS = (
     "verbose",
 )
 
+# Extra --network_args keys of one network type.
+TYPE_NETWORK_ARGS = {"lokr": ("factor",)}
+# musubi-tuner's --network_module values (besides networks.lora and its per-architecture variants).
+NETWORK_MODULES = {"networks.loha": "loha", "networks.lokr": "lokr"}
+
 _MAX_LISTED = 8
-
-
-@dataclass(frozen=True)
-class LayerShape:
-    """What a LoRA needs from its target layer: kind, widths and, for convolutions, the geometry."""
-
-    kind: str  # "linear", "conv2d" or "conv3d"
-    in_features: int
-    out_features: int
-    kernel_size: tuple[int, ...] = ()
-    stride: tuple[int, ...] = ()
-    padding: Any = ()
-    dilation: tuple[int, ...] = ()
-    padding_mode: str = "zeros"
-
-    @classmethod
-    def of(cls, layer: nn.Module) -> LayerShape:
-        kind = layer_kind(layer)
-        if kind == "linear":
-            return cls(kind, layer.in_features, layer.out_features)
-        if kind is None:
-            raise MusubiError(f"a LoRA needs a Linear, Conv2d or Conv3d layer, got {type(layer).__name__}.")
-        return cls(
-            kind, layer.in_channels, layer.out_channels, tuple(layer.kernel_size), tuple(layer.stride),
-            layer.padding, tuple(layer.dilation), layer.padding_mode,
-        )
-
-    def make_down_up(self, rank: int) -> tuple[nn.Module, nn.Module]:
-        """D with the layer's own geometry, U a plain (or 1×1 conv) projection back to its width."""
-        if self.kind == "linear":
-            return nn.Linear(self.in_features, rank, bias=False), nn.Linear(rank, self.out_features, bias=False)
-        conv = nn.Conv3d if self.kind == "conv3d" else nn.Conv2d
-        down = conv(
-            self.in_features, rank, self.kernel_size, stride=self.stride, padding=self.padding,
-            dilation=self.dilation, padding_mode=self.padding_mode, bias=False,
-        )
-        return down, conv(rank, self.out_features, 1, bias=False)
-
-
-class LoRAModule(nn.Module):
-    """The low-rank branch of one Linear / Conv layer: ``m · s · U(drop(D(x)))`` with ``s = α / r``."""
-
-    def __init__(
-        self,
-        path: str,
-        target: nn.Module | LayerShape,
-        rank: int,
-        alpha: float | None = None,
-        multiplier: float = 1.0,
-        dropout: float | None = None,
-        rank_dropout: float | None = None,
-        module_dropout: float | None = None,
-    ):
-        super().__init__()
-        if rank < 1:
-            raise MusubiError(f"{path}: the LoRA rank must be at least 1, got {rank}.")
-        self.path = path
-        self.layer_shape = target if isinstance(target, LayerShape) else LayerShape.of(target)
-        self.multiplier = float(multiplier)
-        self.dropout = dropout
-        self.rank_dropout = rank_dropout
-        self.module_dropout = module_dropout
-        self.rank = 0
-        self._build(rank)
-        alpha = float(self.rank) if alpha is None or float(alpha) == 0 else float(alpha)
-        self.register_buffer("alpha", torch.tensor(alpha, dtype=torch.float32))
-        self._refresh_scale()
-        self.register_load_state_dict_post_hook(_refresh_scale_after_load)
-
-    def _build(self, rank: int, like: torch.Tensor | None = None) -> None:
-        self.rank = int(rank)
-        down, up = self.layer_shape.make_down_up(self.rank)
-        if like is not None:
-            down, up = down.to(device=like.device, dtype=like.dtype), up.to(device=like.device, dtype=like.dtype)
-        # kaiming_uniform with a=√5 is Uniform(±1/√fan_in), fan_in = in (× kernel size for convs).
-        nn.init.kaiming_uniform_(down.weight, a=math.sqrt(5))
-        nn.init.zeros_(up.weight)
-        self.lora_down, self.lora_up = down, up
-
-    @property
-    def is_conv(self) -> bool:
-        return self.layer_shape.kind != "linear"
-
-    def branch(self, x: torch.Tensor) -> torch.Tensor:
-        """The LoRA term for input ``x``, computed in the LoRA's dtype (dropouts only in training)."""
-        weight = self.lora_down.weight
-        if torch.is_autocast_enabled(x.device.type):
-            x = x.to(device=weight.device)
-        else:
-            x = x.to(device=weight.device, dtype=weight.dtype)
-        hidden = self.lora_down(x)
-        scale = self.scale
-        if self.training:
-            if self.dropout:
-                hidden = F.dropout(hidden, p=self.dropout, training=True)
-            if self.rank_dropout:
-                hidden = hidden * self._rank_keep_mask(hidden)
-                scale = scale / (1.0 - self.rank_dropout)  # as if the rank itself were smaller
-        return self.lora_up(hidden) * (self.multiplier * scale)
-
-    def _rank_keep_mask(self, hidden: torch.Tensor) -> torch.Tensor:
-        """A keep-mask per (sample, rank), shared by all tokens / pixels of that sample."""
-        batch = hidden.shape[0] if hidden.dim() > 1 else 1
-        keep = (torch.rand(batch, self.rank, device=hidden.device) >= self.rank_dropout).to(hidden.dtype)
-        if hidden.dim() == 1:
-            return keep[0]
-        if self.is_conv:  # [B, r, *spatial]
-            return keep.reshape((batch, self.rank) + (1,) * (hidden.dim() - 2))
-        return keep.reshape((batch,) + (1,) * (hidden.dim() - 2) + (self.rank,))  # [B, ..., r]
-
-    def hook(self, target: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        """Forward hook on the target layer: returns ``output + branch(input)``."""
-        if self.multiplier == 0 or not isinstance(output, torch.Tensor):
-            return output
-        if self.training and self.module_dropout and torch.rand(()) < self.module_dropout:
-            return output
-        x = args[0] if args else kwargs.get("input", next(iter(kwargs.values()), None))
-        delta = self.branch(x).to(device=output.device)
-        # One rounding to the layer's output dtype, after the sum.
-        return (output + delta).to(output.dtype)
-
-    def resize(self, rank: int) -> None:
-        """Re-create D and U with another rank (freshly initialised), keeping dtype and device."""
-        if rank != self.rank:
-            self._build(rank, like=self.lora_down.weight)
-            self._refresh_scale()
-
-    def _refresh_scale(self) -> None:
-        alpha = float(self.alpha)
-        self.scale = (alpha if alpha != 0 else self.rank) / self.rank
-
-    def extra_repr(self) -> str:
-        return f"{self.path}, rank={self.rank}, alpha={float(self.alpha):g}"
-
-
-def _refresh_scale_after_load(module: LoRAModule, incompatible_keys) -> None:
-    module._refresh_scale()
-
-
-def layer_kind(module: nn.Module) -> str | None:
-    """"linear", "conv2d", "conv3d", or None for layers a LoRA does not target."""
-    if isinstance(module, nn.Linear):
-        return "linear"
-    if isinstance(module, nn.Conv3d):
-        return "conv3d"
-    if isinstance(module, nn.Conv2d):
-        return "conv2d"
-    return None
 
 
 def _is_pointwise(module: nn.Module) -> bool:
@@ -218,6 +82,7 @@ class LoadReport:
     unmatched_keys: list[str] = field(default_factory=list)  # file keys that fit no module
     modules_not_in_file: list[str] = field(default_factory=list)  # kept their fresh initialisation
     file_format: str = ""
+    notes: list[str] = field(default_factory=list)  # what the file set differently from the settings
 
 
 class LoRANetwork(nn.Module):
@@ -226,7 +91,12 @@ class LoRANetwork(nn.Module):
     ``model`` is not registered as a sub-module: ``parameters()``, ``state_dict()`` and ``.to()``
     only concern the LoRA weights, and the dropouts follow the network's own ``train()`` /
     ``eval()``, not the model's. :meth:`remove` detaches every hook.
+
+    Subclasses change the module each layer gets (:attr:`network_type`, :meth:`_make_module`);
+    selection, hooks, twins, state and loading are shared.
     """
+
+    network_type = "lora"
 
     def __init__(
         self,
@@ -259,6 +129,7 @@ class LoRANetwork(nn.Module):
         self.include_patterns = list(_pattern_list(include_patterns, "include_patterns"))
         self.exclude_patterns = self.user_exclude_patterns + list(self.preset.default_exclude_patterns)
         self.network_args: dict[str, str] = {}  # raw --network_args, for metadata
+        self._check_type_options()
 
         self.lora_modules = nn.ModuleList()
         self._paths: list[str] = []
@@ -296,8 +167,8 @@ class LoRANetwork(nn.Module):
                 logger.info("LoRA: created %-60s dim %d, alpha %g", module.path, module.rank, float(module.alpha))
         if not self._paths:
             raise MusubiError(self._empty_selection_message(model, candidates, excluded, skipped))
-        logger.info("LoRA (%s): %d modules, dim %d, alpha %g", self.preset.name, len(self._paths),
-                    self.network_dim, self.network_alpha)
+        logger.info("%s (%s): %d modules, dim %d, alpha %g", network_type_title(self.network_type), self.preset.name,
+                    len(self._paths), self.network_dim, self.network_alpha)
 
     def _candidates(self, model: nn.Module) -> dict[str, nn.Module]:
         """Linear/Conv layers inside target blocks, by path; a layer in nested blocks counts once."""
@@ -330,14 +201,37 @@ class LoRANetwork(nn.Module):
                 f"the layers '{clash}' and '{path}' get the same LoRA name 'lora_unet_{flat}'; "
                 "exclude one of them with exclude_patterns."
             )
-        module = LoRAModule(
-            path, layer, rank, alpha, dropout=self.dropout, rank_dropout=self.rank_dropout,
-            module_dropout=self.module_dropout,
-        )
+        module = self._make_module(path, layer, rank, alpha)
         self.lora_modules.append(module)
         self._paths.append(path)
         self._targets.append(layer)
         self._flat_names[flat] = path
+
+    def _make_module(self, path: str, layer: nn.Module, rank: int, alpha: float) -> NetworkModule:
+        return LoRAModule(
+            path, layer, rank, alpha, dropout=self.dropout, rank_dropout=self.rank_dropout,
+            module_dropout=self.module_dropout,
+        )
+
+    def _check_type_options(self) -> None:
+        """Refuse options the network type cannot honour (LoRA takes them all)."""
+
+    @property
+    def network_module(self) -> str:
+        """musubi-tuner's ``--network_module`` of this network, stored as ``ss_network_module``."""
+        return self.preset.network_module
+
+    def metadata_network_args(self) -> dict[str, str]:
+        """The network args recorded in the saved file's ``ss_network_args``."""
+        return dict(self.network_args)
+
+    def trainable_parameter_count(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def describe(self) -> str:
+        """One line on what is trained: type, layers, rank, alpha and trainable parameters."""
+        return (f"{network_type_title(self.network_type)} on {len(self._paths)} layers, rank {self.network_dim}, "
+                f"alpha {self.network_alpha:g}, {self.trainable_parameter_count():,} trainable parameters")
 
     def _empty_selection_message(self, model, candidates, excluded, skipped) -> str:
         blocks = sum(1 for _, module in model.named_modules() if self.preset.is_target_block(module))
@@ -439,12 +333,18 @@ class LoRANetwork(nn.Module):
         """Load a canonical state dict (:meth:`load_weights` also reads files and other key formats)."""
         return self._load_canonical(dict(state_dict), strict=strict)
 
-    def load_weights(self, path_or_state_dict: str | Mapping[str, torch.Tensor], strict: bool = True) -> LoadReport:
+    def load_weights(self, path_or_state_dict: str | Mapping[str, torch.Tensor], strict: bool = True,
+                     match_settings: bool = False) -> LoadReport:
         """Start from an existing LoRA (file path or state dict, ComfyUI / musubi / diffusers keys).
 
-        Rank and alpha of every module come from the file. A file key that fits no module, or a
-        layer size that differs from the model's, is a MusubiError (with ``strict=False`` the
+        Rank and alpha of every module come from the file (for LoKr also the factorization and
+        whether W2 is full). A file key that fits no module, a layer size that differs from the
+        model's, or a file of another network type is a MusubiError (with ``strict=False`` the
         unmatched keys are only reported). Modules the file lacks keep their initialisation.
+
+        ``match_settings`` (a warm start): a rank other than the network's settings is refused too,
+        so the run trains what its settings say; alpha and LoKr's factorization come from the file
+        and :attr:`LoadReport.notes` say where they differ from the settings.
         """
         if isinstance(path_or_state_dict, Mapping):
             canonical, file_format = lora_formats.to_canonical(
@@ -456,34 +356,46 @@ class LoRANetwork(nn.Module):
                 str(path_or_state_dict), module_names=self._paths, arch=self.preset
             )
             source = str(path_or_state_dict)
-        report = self._load_canonical(canonical, strict=strict, source=source)
+        report = self._load_canonical(canonical, strict=strict, source=source, match_settings=match_settings)
         report.file_format = file_format
         return report
 
-    def _load_canonical(self, state_dict: dict[str, torch.Tensor], strict: bool, source: str = "the state dict") -> LoadReport:
+    def warm_start(self, path: str) -> LoadReport:
+        """Continue training from a saved LoRA/LoHa/LoKr file: :meth:`load_weights` with its
+        type, layers and ranks checked against this network's settings."""
+        return self.load_weights(path, strict=True, match_settings=True)
+
+    def _load_canonical(self, state_dict: dict[str, torch.Tensor], strict: bool, source: str = "the state dict",
+                        match_settings: bool = False) -> LoadReport:
         modules = self.modules_by_name()
         grouped: dict[str, dict[str, torch.Tensor]] = {}
         report = LoadReport()
         for key, tensor in state_dict.items():
-            suffix = next((s for s in LORA_TENSOR_SUFFIXES if key.endswith(s)), None)
+            suffix = next((s for s in lora_formats.CANONICAL_SUFFIXES if key.endswith(s)), None)
             path = key[: -len(suffix)] if suffix else None
             if path not in modules:
                 report.unmatched_keys.append(key)
                 continue
             grouped.setdefault(path, {})[suffix] = tensor
 
+        title = network_type_title(self.network_type)
+        for path, tensors in grouped.items():
+            kind = lora_formats.module_network_type(tensors)
+            if kind is not None and kind != self.network_type:
+                example = path + next(s for s in tensors if s != lora_formats.LORA_ALPHA)
+                raise MusubiError(
+                    f"{source} holds a {network_type_title(kind)} network ({example} …), but this network is a {title}; "
+                    f"set the network type to {kind} to continue it, or pick a {title} file."
+                )
+
         problems = []
         for path, tensors in grouped.items():
-            if ".lora_down.weight" not in tensors or ".lora_up.weight" not in tensors:
-                present = ", ".join(path + s for s in tensors)
-                problems.append(f"{present} (its lora_down/lora_up partner is missing)")
-                continue
-            problem = _shape_problem(modules[path], tensors[".lora_down.weight"], tensors[".lora_up.weight"])
+            problem = modules[path].file_problem(tensors, path)
             if problem:
-                problems.append(f"{path}: {problem}")
+                problems.append(problem)
         if problems:
             raise MusubiError(
-                f"{source}: LoRA weights do not fit the model: " + "; ".join(problems[:_MAX_LISTED])
+                f"{source}: {title} weights do not fit the model: " + "; ".join(problems[:_MAX_LISTED])
                 + _more(problems) + ". The LoRA was made for another model size or architecture."
             )
         if report.unmatched_keys:
@@ -496,47 +408,162 @@ class LoRANetwork(nn.Module):
                     message + ". Check the architecture and the include/exclude patterns, or load with strict=False."
                 )
             logger.warning(message)
+        if match_settings:
+            mismatches = [f"{path}: {problem}" for path, tensors in grouped.items()
+                          if (problem := modules[path].rank_mismatch(tensors))]
+            if mismatches:
+                raise MusubiError(
+                    f"{source}: its ranks do not fit the network settings: " + "; ".join(mismatches[:_MAX_LISTED])
+                    + _more(mismatches) + ". Set network_dim (conv_dim for convolutions) to the file's rank."
+                )
 
+        before = {path: (float(modules[path].alpha), getattr(modules[path], "factors", None)) for path in grouped}
         for path, tensors in grouped.items():
-            module = modules[path]
-            down, up = tensors[".lora_down.weight"], tensors[".lora_up.weight"]
-            module.resize(down.shape[0])
-            rank = down.shape[0]
-            alpha = tensors.get(".alpha")
-            alpha_value = float(rank) if alpha is None or float(alpha) == 0 else float(alpha)
-            with torch.no_grad():
-                module.lora_down.weight.copy_(down.reshape(module.lora_down.weight.shape))
-                module.lora_up.weight.copy_(up.reshape(module.lora_up.weight.shape))
-                module.alpha.fill_(alpha_value)
-            module._refresh_scale()
+            modules[path].load_file_tensors(tensors)
             report.loaded_modules.append(path)
         report.modules_not_in_file = [path for path in self._paths if path not in grouped]
         if grouped and report.modules_not_in_file:
             logger.info("%d LoRA modules are not in %s and start from scratch.", len(report.modules_not_in_file), source)
+        if match_settings:
+            report.notes = self._load_notes(before, modules, grouped)
         return report
 
-
-def _shape_problem(module: LoRAModule, down: torch.Tensor, up: torch.Tensor) -> str | None:
-    """Why a (down, up) pair cannot sit on this module's layer, or None when it fits."""
-    if down.dim() < 2 or up.dim() < 2:
-        return f"lora_down {list(down.shape)} / lora_up {list(up.shape)} are not weight matrices"
-    rank = down.shape[0]
-    expected_down = (rank,) + tuple(module.lora_down.weight.shape[1:])
-    expected_up = (module.lora_up.weight.shape[0], rank) + tuple(module.lora_up.weight.shape[2:])
-    down_ok = tuple(down.shape) == expected_down or (
-        not module.is_conv and down.dim() == 2 and tuple(down.shape) == expected_down[:2]
-    )
-    up_ok = tuple(up.shape) == expected_up or tuple(up.shape) == expected_up[:2] + (1,) * (up.dim() - 2)
-    if down_ok and up_ok and up.shape[1] == rank:
-        return None
-    return (
-        f"lora_down {list(down.shape)} / lora_up {list(up.shape)} do not match the layer "
-        f"(expected {list(expected_down)} / {list(expected_up)})"
-    )
+    def _load_notes(self, before, modules, grouped) -> list[str]:
+        """Where a loaded file set alpha or LoKr factors differently from the settings."""
+        alphas = sorted({float(modules[path].alpha) for path in grouped if float(modules[path].alpha) != before[path][0]
+                         and not getattr(modules[path], "full", False)})
+        notes = []
+        if alphas:
+            notes.append(f"alpha {', '.join(f'{a:g}' for a in alphas)} from the file (settings: {self.network_alpha:g})")
+        refactored = [path for path in grouped if before[path][1] is not None and modules[path].factors != before[path][1]]
+        if refactored:
+            notes.append(f"{len(refactored)} LoKr layers keep the file's factorization (other than factor {getattr(self, 'factor', -1)} gives)")
+        return notes
 
 
 def _more(items: Sequence) -> str:
     return f" (and {len(items) - _MAX_LISTED} more)" if len(items) > _MAX_LISTED else ""
+
+
+# --- LoHa and LoKr ------------------------------------------------------------------------------
+
+
+class _WeightChangeNetwork(LoRANetwork):
+    """What LoHa and LoKr share: options that only LoRA has are refused, not silently ignored."""
+
+    def _check_type_options(self) -> None:
+        check_type_options(self.network_type, self.loraplus_lr_ratio, self.dropout)
+
+    @property
+    def network_module(self) -> str:
+        return f"networks.{self.network_type}"
+
+
+class LoHaNetwork(_WeightChangeNetwork):
+    """LoHa on the selected layers: ``ΔW = (α/r) · (W1a·W1b) ⊙ (W2a·W2b)`` (see :class:`LoHaModule`)."""
+
+    network_type = "loha"
+
+    def _make_module(self, path: str, layer: nn.Module, rank: int, alpha: float) -> NetworkModule:
+        return LoHaModule(path, layer, rank, alpha, rank_dropout=self.rank_dropout, module_dropout=self.module_dropout)
+
+
+class LoKrNetwork(_WeightChangeNetwork):
+    """LoKr on the selected layers: ``ΔW = s · W1 ⊗ W2`` (see :class:`LoKrModule`).
+
+    ``factor``: −1 splits each width into its most balanced pair of divisors, N > 0 uses N as one
+    part when it divides the width (else the most balanced split with a part ≤ N).
+    """
+
+    network_type = "lokr"
+
+    def __init__(self, *args, factor: int = -1, **kwargs):
+        self.factor = _lokr_factor(factor)
+        super().__init__(*args, **kwargs)
+
+    def _make_module(self, path: str, layer: nn.Module, rank: int, alpha: float) -> NetworkModule:
+        return LoKrModule(path, layer, rank, alpha, factor=self.factor, rank_dropout=self.rank_dropout,
+                          module_dropout=self.module_dropout)
+
+    def full_w2_modules(self) -> list[str]:
+        """Paths of the modules whose W2 is a full matrix (scale 1, network_alpha not applied)."""
+        return [path for path, module in zip(self._paths, self.lora_modules) if module.full]
+
+    def metadata_network_args(self) -> dict[str, str]:
+        return {**self.network_args, "factor": str(self.factor)}
+
+    def describe(self) -> str:
+        line = super().describe() + f", factor {self.factor}"
+        full = self.full_w2_modules()
+        if full:
+            line += (f"; {len(full)} of them keep a full lokr_w2 (the rank is at least half of W2's larger side, "
+                     "so a low-rank W2 would save nothing): scale 1 there, network_alpha does not apply")
+        return line
+
+
+NETWORK_CLASSES: dict[str, type[LoRANetwork]] = {"lora": LoRANetwork, "loha": LoHaNetwork, "lokr": LoKrNetwork}
+
+
+def network_type_from_module(network_module: str | None) -> str | None:
+    """musubi-tuner's ``--network_module`` as a network type: ``networks.loha`` → loha,
+    ``networks.lokr`` → lokr, ``networks.lora`` and its per-architecture ``networks.lora_*`` → lora."""
+    if network_module is None or network_module == "":
+        return None
+    name = str(network_module).strip()
+    if name in NETWORK_MODULES:
+        return NETWORK_MODULES[name]
+    if name == "networks.lora" or name.startswith("networks.lora_"):
+        return "lora"
+    raise MusubiError(
+        f"network_module {name!r} is not a network this trainer has; use networks.lora (or its per-architecture "
+        "networks.lora_*), networks.loha or networks.lokr — or network_type = lora, loha or lokr."
+    )
+
+
+def check_network_type(network_type: str | None) -> str:
+    """The network type, "lora" when unset; a MusubiError listing the types for anything else."""
+    if network_type is None or network_type == "":
+        return "lora"
+    if network_type not in NETWORK_CLASSES:
+        raise MusubiError(f"network_type {network_type!r} is unknown; choose one of: {', '.join(NETWORK_TYPES)}.")
+    return network_type
+
+
+def check_type_options(network_type: str, loraplus_lr_ratio: float | None = None, dropout: float | None = None) -> None:
+    """Refuse the LoRA-only options for LoHa / LoKr (musubi-tuner accepts LoRA+ there, logs that it
+    has no effect and trains one group at the base learning rate; its LoHa/LoKr ignore network_dropout)."""
+    if network_type == "lora":
+        return
+    title = network_type_title(network_type)
+    if loraplus_lr_ratio is not None:
+        raise MusubiError(
+            f"loraplus_lr_ratio: LoRA+ speeds up LoRA's lora_up weights; a {title} has none, so it would train "
+            "as without it. Set loraplus_lr_ratio to 0 (off) or use the lora network type."
+        )
+    if dropout:
+        raise MusubiError(
+            f"network_dropout: it drops LoRA's inner (rank) features, which a {title} does not compute; "
+            "use rank_dropout or module_dropout instead, or set network_dropout to 0."
+        )
+
+
+def create_network(network_type: str | None, model: nn.Module, preset_or_arch: LoraPreset | str,
+                   factor: int | None = None, **options) -> LoRANetwork:
+    """A network of ``network_type`` ("lora", "loha", "lokr"); ``options`` are :class:`LoRANetwork`'s,
+    ``factor`` is LoKr's (an error for the other types)."""
+    network_type = check_network_type(network_type)
+    if network_type == "lokr":
+        return LoKrNetwork(model, preset_or_arch, factor=-1 if factor is None else factor, **options)
+    if factor is not None:
+        raise MusubiError(f"factor: only the lokr network type has a factor (this one is {network_type}).")
+    return NETWORK_CLASSES[network_type](model, preset_or_arch, **options)
+
+
+def _lokr_factor(value: Any) -> int:
+    number = _number(value, "factor")
+    if number != int(number) or number < -1:
+        raise MusubiError(f"factor: expected -1 (balanced split), 0 or a whole number ≥ 1, got {value!r}.")
+    return int(number)
 
 
 # --- argument parsing --------------------------------------------------------------------------
@@ -562,17 +589,26 @@ def network_from_args(
     network_alpha: float | None = None,
     network_dropout: float | None = None,
     network_args: Iterable[str] | Mapping[str, Any] | str | None = None,
+    network_type: str | None = None,
 ) -> LoRANetwork:
-    """Build a network from musubi-tuner style options (``--network_args key=value ...``)."""
+    """Build a network from musubi-tuner style options (``--network_args key=value ...``);
+    ``network_type`` "lora" (default), "loha" or "lokr" (whose ``factor`` is a network arg)."""
+    network_type = check_network_type(network_type)
     values = parse_key_value_args(network_args, "network_args")
-    unknown = sorted(set(values) - set(KNOWN_NETWORK_ARGS))
+    known = KNOWN_NETWORK_ARGS + TYPE_NETWORK_ARGS.get(network_type, ())
+    unknown = sorted(set(values) - set(known))
     if unknown:
+        other = [key for key in unknown if any(key in keys for keys in TYPE_NETWORK_ARGS.values())]
+        hint = (f" ({', '.join(other)} belongs to another network type than {network_type})" if other else "")
         raise MusubiError(
-            f"--network_args: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(KNOWN_NETWORK_ARGS)}."
+            f"--network_args: unknown key(s) {', '.join(unknown)}{hint}; known keys: {', '.join(known)}."
         )
-    network = LoRANetwork(
+    type_options = {"factor": values["factor"]} if "factor" in values else {}
+    network = create_network(
+        network_type,
         model,
         arch,
+        **type_options,
         network_dim=4 if network_dim is None else network_dim,
         network_alpha=1.0 if network_alpha is None else network_alpha,
         dropout=network_dropout,
