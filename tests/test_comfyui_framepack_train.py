@@ -37,8 +37,9 @@ def _image_embedding(comfy) -> str:
 
 def _graph(comfy, tiny_model_file, text_embedding_file, *, output_name, layout="vanilla", with_image=True,
            model_source="framepack", steps=2, batch_size=2, frames=19, weight_dtype="fp32", gradient_checkpointing=False,
-           fp8_scaled=False):
+           fp8_scaled=False, network_type="lora"):
     g = Graph()
+    network_options = {} if network_type == "lora" else {"network_type": network_type, "lokr_factor": -1}
     if model_source == "framepack":
         model = g.add("MusubiLoadFramePack", model_name=tiny_model_file("framepack"), weight_dtype=weight_dtype,
                       fp8_scaled=fp8_scaled, compute_dtype=weight_dtype)
@@ -53,7 +54,7 @@ def _graph(comfy, tiny_model_file, text_embedding_file, *, output_name, layout="
         settings["clip_vision_output"] = image[0]
     framepack = g.add("MusubiFramePackTrainingSettings", **settings)
     network = g.add("MusubiLoRANetworkSettings", network_dim=4, network_alpha=4.0, network_dropout=0.0, rank_dropout=0.0,
-                    module_dropout=0.0, loraplus_lr_ratio=0.0, exclude_patterns="", include_patterns="")
+                    module_dropout=0.0, loraplus_lr_ratio=0.0, exclude_patterns="", include_patterns="", **network_options)
     optimizer = g.add("MusubiOptimizerSettings", optimizer_type="AdamW", custom_optimizer="", learning_rate=1e-2,
                       optimizer_args="", lr_scheduler="constant", lr_warmup_steps="0", lr_scheduler_num_cycles=1.0,
                       lr_scheduler_power=1.0, lr_scheduler_min_lr_ratio=0.0, lr_scheduler_args="", max_grad_norm=0.0)

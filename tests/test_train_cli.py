@@ -14,11 +14,14 @@ import pytest
 import torch
 
 from musubi.cli import main
+from musubi.data.cache import latent_tensor_key
 from musubi.data.latent_cache import write_latent_cache_item
+from musubi.data.musubi_cache import open_training_data
+from musubi.data.text_embeddings import TextEmbedding, save_text_embedding
 from musubi.lora.formats import load_lora_state_dict
 from musubi.lora.network import LoRANetwork
 from musubi.training.adapter import ToyAdapter
-from musubi.files import read_header
+from musubi.files import atomic_save_file, read_header
 from musubi.training.cli import ConsoleProgress, _stop_on_ctrl_c, add_cli_arguments
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -163,3 +166,106 @@ def test_top_level_help_is_plain_text_and_the_learning_rate_default_is_explained
     train = " ".join(subprocess.run([sys.executable, "-m", "musubi", "train", "--help"], capture_output=True, text=True,
                                     cwd=REPO_ROOT, timeout=120).stdout.split())
     assert "the default is musubi-tuner's" in train and "(default: 2e-06)" in train
+
+
+# --- built-in models, musubi-tuner's dataset configs, repeats -------------------------------------
+
+
+def musubi_cache(folder, names, seed=0, shape=(16, 1, 4, 4)):
+    """Caches in musubi-tuner's layout (as its caching scripts and the Training Dataset node write
+    them): ``<name>_0032x0032_wan.safetensors`` latents and ``<name>_wan_te.safetensors`` texts."""
+    os.makedirs(folder, exist_ok=True)
+    generator = torch.Generator().manual_seed(seed)
+    for name in names:
+        latent = torch.randn(shape, generator=generator)
+        atomic_save_file({latent_tensor_key(latent): latent}, os.path.join(folder, f"{name}_0032x0032_wan.safetensors"),
+                         {"architecture": "wan", "width": "32", "height": "32", "format_version": "1.0.1"})
+        save_text_embedding(os.path.join(folder, f"{name}_wan_te.safetensors"),
+                            TextEmbedding(torch.randn(3, 4096, generator=generator), None, "wan", {}), caption=name)
+    return str(folder)
+
+
+WAN_TOY = ["--model", "test_dataset:wan_toy"]  # the toy model dressed as Wan
+
+
+def test_train_help_lists_the_models_by_name_and_musubis_options():
+    result = subprocess.run([sys.executable, "-m", "musubi", "train", "--help"], capture_output=True, text=True,
+                            cwd=REPO_ROOT, timeout=120)
+    text = " ".join(result.stdout.split())
+    for name in ("comfyui", "wan", "hunyuan_video", "flux", "qwen_image", "framepack", "toy"):
+        assert f"{name} (" in text, name
+    for option in ("--dit", "--dit_high_noise", "--timestep_boundary", "--fp8_scaled", "--dataset_config", "--num_repeats"):
+        assert option in text, option
+
+
+def test_a_dataset_config_trains_on_its_cache_directories_with_their_repeats(tmp_path, capsys):
+    musubi_cache(tmp_path / "cache_a", ["a0", "a1"])
+    musubi_cache(tmp_path / "cache_b", ["b0"], seed=1)
+    (tmp_path / "images_a").mkdir()
+    (tmp_path / "dataset.toml").write_text(textwrap.dedent("""
+        [general]
+        resolution = [32, 32]
+        [[datasets]]
+        image_directory = "images_a"
+        cache_directory = "cache_a"
+        num_repeats = 3
+        [[datasets]]
+        image_directory = "images_b"
+        cache_directory = "cache_b"
+    """))
+    dataset = open_training_data(dataset_config=str(tmp_path / "dataset.toml"))
+    assert len(dataset) == 2 * 3 + 1  # the images themselves are not needed: musubi-tuner trains from the caches
+    assert [item.name for item in dataset.items[:4]] == ["a0_0032x0032_wan"] * 3 + ["a1_0032x0032_wan"]
+    code = main(["train", *WAN_TOY, "--dataset_config", str(tmp_path / "dataset.toml"), "--output_dir", str(tmp_path / "out"),
+                 "--max_train_epochs", "2", "--learning_rate", "1e-3", "--seed", "1"])
+    assert code == 0, capsys.readouterr().err
+    assert "Done: 14 steps" in capsys.readouterr().out  # 7 items with repeats, batch 1, 2 epochs
+    _, metadata = read_header(str(tmp_path / "out" / "lora.safetensors"))
+    assert metadata["ss_num_batches_per_epoch"] == "7"
+
+    # data_dir takes num_repeats for all of its items.
+    assert len(open_training_data(data_dir=str(tmp_path / "cache_a"), num_repeats=2)) == 4
+    toy_cache(tmp_path / "plain", count=2)
+    assert len(open_training_data(data_dir=str(tmp_path / "plain"), num_repeats=3)) == 6
+
+
+def test_data_and_expert_option_errors_name_the_fix(tmp_path, capsys):
+    musubi_cache(tmp_path / "cache", ["x"])
+    (tmp_path / "dataset.toml").write_text('[[datasets]]\nimage_directory = "img"\ncache_directory = "cache"\nbatch_size = 4\n')
+    common = [*WAN_TOY, "--output_dir", str(tmp_path / "out"), "--learning_rate", "1e-3"]
+    cases = [
+        (["--data_dir", str(tmp_path / "cache"), "--dataset_config", str(tmp_path / "dataset.toml")], "give one of them"),
+        ([], "the training data is required: data_dir"),
+        (["--data_dir", str(tmp_path / "cache"), "--timestep_boundary", "0.9"], "set dit_high_noise too"),
+        (["--dataset_config", str(tmp_path / "dataset.toml")], "sets batch_size = 4 but the run's batch_size is 1"),
+        (["--dataset_config", str(tmp_path / "dataset.toml"), "--batch_size", "4", "--num_repeats", "2"],
+         "with dataset_config set num_repeats in each [[datasets]] entry"),
+    ]
+    for extra, message in cases:
+        assert main(["train", *common, *extra]) == 2, extra
+        assert message in capsys.readouterr().err, (extra, message)
+    toy_cache(tmp_path / "plain", count=1)
+    assert main(["train", "--model", "toy", "--data_dir", str(tmp_path / "plain"), "--output_dir", str(tmp_path / "out"),
+                 "--learning_rate", "1e-3", "--fp8_scaled"]) == 2
+    assert "model 'toy' does not take fp8_scaled" in capsys.readouterr().err
+
+
+def test_comfyui_models_say_how_to_find_comfyui(tmp_path):
+    musubi_cache(tmp_path / "cache", ["x"])
+    environment = {key: value for key, value in os.environ.items() if key != "COMFYUI_PATH"}
+    environment["PYTHONPATH"] = REPO
+    command = [sys.executable, "-m", "musubi", "train", "--model", "wan", "--dit", str(tmp_path / "missing.safetensors"),
+               "--data_dir", str(tmp_path / "cache"), "--output_dir", str(tmp_path / "out"), "--learning_rate", "1e-3"]
+    completed = subprocess.run(command, cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=240)
+    assert completed.returncode == 2
+    assert "model 'wan': needs ComfyUI" in completed.stderr and "COMFYUI_PATH is not set" in completed.stderr
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGTERM") or os.name == "nt", reason="POSIX signals")
+def test_sigterm_requests_the_same_stop_and_never_aborts():
+    progress = ConsoleProgress()
+    with _stop_on_ctrl_c(progress):
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert progress.should_stop()
+        os.kill(os.getpid(), signal.SIGTERM)  # a launcher's repeated SIGTERM: still the one stop, no abort
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL

@@ -73,7 +73,9 @@ def test_command_line_wins_over_the_file_and_the_file_over_defaults(tmp_path):
 def test_unknown_keys_are_errors_with_a_suggestion(tmp_path):
     with pytest.raises(MusubiError, match=r"unknown option 'learning_rat'; did you mean 'learning_rate'\?"):
         load_train_config(write(tmp_path, BASE + "learning_rat = 1e-4\n"))
-    with pytest.raises(MusubiError, match="'dataset_config' is a musubi-tuner option.*data_dir"):
+    with pytest.raises(MusubiError, match="'fp8_base' is a musubi-tuner option.*fp8_scaled"):
+        load_train_config(write(tmp_path, BASE + "[extra]\nfp8_base = true\n"))
+    with pytest.raises(MusubiError, match="data_dir and dataset_config are both set; give one of them"):
         load_train_config(write(tmp_path, BASE + "[data]\ndataset_config = 'x.toml'\n"))
     with pytest.raises(MusubiError, match="unknown option 'zzz'"):
         load_train_config(write(tmp_path, BASE), {"zzz": 1})
@@ -120,7 +122,7 @@ def test_file_problems_are_errors_naming_the_file(tmp_path):
 def test_required_options(tmp_path):
     with pytest.raises(MusubiError, match="model is required"):
         load_train_config(write(tmp_path, 'data_dir = "c"\noutput_dir = "o"\n'))
-    with pytest.raises(MusubiError, match="data_dir is required"):
+    with pytest.raises(MusubiError, match="the training data is required: data_dir .* or dataset_config"):
         load_train_config(write(tmp_path, 'model = "toy"\noutput_dir = "o"\n'))
     with pytest.raises(MusubiError, match="output_dir is required"):
         load_train_config(write(tmp_path, 'model = "toy"\ndata_dir = "c"\n'))

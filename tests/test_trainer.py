@@ -556,8 +556,8 @@ def test_load_adapter_specs():
     assert torch.equal(same.model.proj_out.weight, toy.model.proj_out.weight)
     latents, noise = torch.randn(2, 4, 2, 2), torch.randn(2, 4, 2, 2)
     assert torch.equal(toy.velocity_target(latents, noise), noise - latents)
-    with pytest.raises(MusubiError, match="package.module:factory"):
-        load_adapter("wan")
+    with pytest.raises(MusubiError, match=r"not a built-in model \(comfyui, wan, .*toy\) nor an import path 'package.module:factory'"):
+        load_adapter("sd15")
     with pytest.raises(MusubiError, match="cannot import"):
         load_adapter("no_such_package_xyz.adapters:make")
     with pytest.raises(MusubiError, match="no callable named nothing"):

@@ -47,8 +47,9 @@ class LatentCacheDataset:
     picks the right one for a folder.
     """
 
-    def __init__(self, directory: str):
+    def __init__(self, directory: str, num_repeats: int = 1):
         directory = os.fspath(directory)
+        check_repeats(num_repeats, f"data_dir {directory}")
         if not os.path.isdir(directory):
             raise MusubiError(f"data_dir {directory}: folder not found; point data_dir at a latent cache folder.")
         names = sorted(entry for entry in os.listdir(directory) if entry.endswith(EXTENSION) and not entry.startswith("."))
@@ -82,6 +83,7 @@ class LatentCacheDataset:
                 f"data_dir {directory} mixes items of several architectures ({listing}); keep one architecture per folder."
             )
         self.architecture = next(iter(architectures))
+        self.items = repeated(self.items, num_repeats)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -92,6 +94,10 @@ class LatentCacheDataset:
             return load_file(item.path, device="cpu")
         except Exception as error:  # safetensors raises several types for damaged files
             raise MusubiError(f"{item.path}: cannot read the item ({error}); re-create it.") from error
+
+    def latent_shape(self, index: int) -> tuple[int, ...]:
+        """Item ``index``'s latent shape, known without reading the latent (its bucket)."""
+        return self.items[index].latent_shape
 
     def buckets(self) -> dict[tuple[int, ...], list[int]]:
         """Item indices grouped by latent shape, in file order."""
@@ -143,6 +149,17 @@ class LatentCacheDataset:
                 raise MusubiError(f"'{key}' has different shapes within one batch ({sorted(shapes)}); only 'context' may vary in length.")
             batch[key] = torch.stack(tensors)
         return batch
+
+
+def check_repeats(num_repeats, where: str) -> int:
+    if isinstance(num_repeats, bool) or not isinstance(num_repeats, int) or num_repeats < 1:
+        raise MusubiError(f"{where}: num_repeats must be a whole number ≥ 1, got {num_repeats!r}.")
+    return num_repeats
+
+
+def repeated(items: list, num_repeats: int) -> list:
+    """Each item ``num_repeats`` times in a row (musubi-tuner's repeats: more visits per epoch)."""
+    return [item for item in items for _ in range(num_repeats)]
 
 
 def _pad_context(contexts: list[torch.Tensor], masks: list[torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,7 +11,6 @@ The velocity target is ``noise - latents`` for every architecture trained here.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import math
 from typing import Any, Mapping, Protocol, runtime_checkable
@@ -23,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..architectures import WITH_GENERIC
 from ..errors import MusubiError
+from .models import BUILTIN_MODELS, find_factory
 
 ARCHITECTURES = WITH_GENERIC
 
@@ -85,32 +85,35 @@ def check_adapter(adapter: Any, source: str = "the adapter") -> Any:
     return adapter
 
 
-def load_adapter(spec: str, **options: Any) -> ModelAdapter:
-    """The adapter named by ``spec``: ``"toy"``, or ``"package.module:factory"``.
+def load_adapter(spec: str, data: Any = None, **options: Any) -> ModelAdapter:
+    """The adapter named by ``spec``: a built-in model name (:data:`.models.BUILTIN_MODELS`: ``"toy"``,
+    ``"framepack"``, ``"comfyui"`` …) or an import path ``"package.module:factory"``.
 
     A factory is any callable returning an adapter; it receives ``options`` as keyword arguments
-    (options that are None are left out, so a factory's own defaults apply).
+    (options that are None are left out, so a factory's own defaults apply), and the training
+    data as ``data`` when it has a parameter of that name. An adapter that prepared its own view
+    of the data (ComfyUI's models read each item's conditioning from its caches) offers it as
+    ``training_dataset``; the trainer then trains on that view.
     """
     if not isinstance(spec, str) or not spec.strip():
-        raise MusubiError("model: name the model adapter, 'toy' or 'package.module:factory'.")
+        raise MusubiError(f"model: name the model: {', '.join(BUILTIN_MODELS)}, or an adapter factory 'package.module:factory'.")
     spec = spec.strip()
+    factory, fixed, source = find_factory(spec)
     options = {key: value for key, value in options.items() if value is not None}
-    if spec == "toy":
-        return _call_factory(ToyAdapter, options, "model 'toy'")
-    module_name, colon, factory_name = spec.partition(":")
-    if not colon or not module_name or not factory_name:
-        raise MusubiError(
-            f"model {spec!r}: expected 'toy' or an import path 'package.module:factory' "
-            "(a callable that returns a model adapter)."
-        )
+    for key, value in fixed.items():  # e.g. model "wan" is the ComfyUI model checked to be Wan
+        if key in options and options[key] != value:
+            raise MusubiError(f"{source} sets {key} = {value!r}; {options[key]!r} contradicts it (use model 'comfyui' to choose).")
+        options[key] = value
+    if data is not None and _takes(factory, "data"):
+        options["data"] = data
+    return check_adapter(_call_factory(factory, options, source), source)
+
+
+def _takes(factory, name: str) -> bool:
     try:
-        module = importlib.import_module(module_name)
-    except ImportError as error:
-        raise MusubiError(f"model {spec!r}: cannot import {module_name} ({error}); is the package installed?") from error
-    factory = getattr(module, factory_name, None)
-    if not callable(factory):
-        raise MusubiError(f"model {spec!r}: {module_name} has no callable named {factory_name}.")
-    return check_adapter(_call_factory(factory, options, f"model {spec!r}"), f"model {spec!r}")
+        return name in inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _call_factory(factory, options: dict[str, Any], source: str):

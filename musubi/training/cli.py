@@ -1,10 +1,14 @@
-"""``python -m musubi train``: train a LoRA from a TOML config on a latent cache.
+"""``python -m musubi train``: train a LoRA from a TOML config on cached latents.
 
     python -m musubi train --config_file my_lora.toml [--learning_rate 2e-4 --no-save_state ...]
+    python -m musubi train --model comfyui --dit wan.safetensors --dataset_config data.toml ...
 
-Every config key is also an option; given options win over the file. On several GPUs run the same
-command under accelerate: ``accelerate launch -m musubi train --config_file my_lora.toml`` (each
-process trains on its share of the batches; only the main process prints and writes files).
+Every config key is also an option; given options win over the file. The model is a built-in name
+(``comfyui``, ``wan``, ``hunyuan_video``, ``flux``, ``qwen_image``: ComfyUI's own model code, as
+Train LoRA uses it; ``framepack``; ``toy``) or an adapter factory. On several GPUs run the same
+command under accelerate: ``accelerate launch --num_processes N -m musubi train …`` (each process
+trains its shard of every batch, gradients are summed into the batch's mean; only the main
+process prints and writes files).
 
 Ctrl-C stops after the current step and saves a resumable checkpoint (a second Ctrl-C aborts at
 once); continue with ``--resume latest``. Files go into output_dir as in musubi-tuner, but a fresh
@@ -15,20 +19,24 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
+import os
 import random
 import signal
 import threading
+import warnings
 from typing import Any
 
 import torch
 
 from ..key_value_args import parse_key_value_args
-from ..data.musubi_cache import open_cache_folder
+from ..data.musubi_cache import open_training_data
+from ..errors import MusubiError
 from ..lora.network import network_from_args
 from .adapter import load_adapter
 from .checkpoints import plan_run
 from .config import ConfigOption, TrainConfig, config_options, load_train_config
-from .loop import Trainer, TrainCallbacks, TrainResult
+from .loop import Trainer, TrainCallbacks, TrainResult, multi_process_cpu
 
 _PRINTS_PER_RUN = 20
 
@@ -75,8 +83,14 @@ def run_cli(args: argparse.Namespace) -> int:
         overrides["model_args"] = parse_key_value_args(overrides["model_args"], "model_args")
     config = load_train_config(args.config_file, overrides)
     progress = ConsoleProgress()
+    progress.main = _join_process_group()
     with _stop_on_ctrl_c(progress):
-        result = train_from_config(config, progress)
+        try:
+            result = train_from_config(config, progress)
+        except MusubiError:
+            if not progress.main:
+                return 2  # the main process reports it, once
+            raise
     if not result.is_main_process:
         return 130 if result.interrupted else 0
     if result.resumed_from:
@@ -92,26 +106,91 @@ def run_cli(args: argparse.Namespace) -> int:
 
 
 def train_from_config(config: TrainConfig, callbacks: TrainCallbacks | None = None) -> TrainResult:
-    """Build the adapter, the data and the LoRA of ``config`` and train.
+    """Open the data, build the adapter and the LoRA of ``config`` and train.
 
     Checked first: a run that does not resume must not overwrite another run's files (an error).
     """
     plan = plan_run(config.settings, config.resume, on_existing="refuse")
-    adapter = load_adapter(config.model, dit=config.dit, **config.model_args)
-    dataset = open_cache_folder(config.data_dir)
     settings = config.settings
+    dataset = open_training_data(config.data_dir, config.dataset_config, config.num_repeats, settings.batch_size)
+    adapter = load_adapter(config.model, data=dataset, **adapter_options(config))
+    dataset = getattr(adapter, "training_dataset", None) or dataset
+    report = getattr(callbacks, "on_prepared", None)
+    if callable(report):
+        report(getattr(adapter, "summary", None), dataset)
     if settings.seed is None and not config.resume:
-        settings = dataclasses.replace(settings, seed=random.SystemRandom().randrange(2**32))
+        settings = dataclasses.replace(settings, seed=_shared_random_seed())
     if settings.seed is not None:
         torch.manual_seed(settings.seed)  # the LoRA's initial weights (a resumed state replaces them)
     network = network_from_args(
         adapter.lora_root(), adapter.architecture, config.network_dim, config.network_alpha,
-        config.network_dropout, config.network_args,
+        config.network_dropout, config.network_args, network_type=config.network_type,
     )
+    if config.network_type != "lora":
+        _tell(callbacks, network.describe())
     if config.network_weights:
-        network.load_weights(config.network_weights)
+        report = network.warm_start(config.network_weights)
+        _tell(callbacks, f"warm start from {config.network_weights}: {len(report.loaded_modules)} layers loaded"
+                         + "".join(f"; {note}" for note in report.notes))
     trainer = Trainer(adapter, network, dataset, settings, callbacks)
     return trainer.train(resume_from=plan.resume_from)
+
+
+def _tell(callbacks: TrainCallbacks | None, line: str) -> None:
+    """A line about the run: printed by the command line's progress, logged otherwise."""
+    if isinstance(callbacks, ConsoleProgress):
+        if callbacks.main:
+            print(line, flush=True)
+    else:
+        logging.getLogger(__name__).info("%s", line)
+
+
+def adapter_options(config: TrainConfig) -> dict[str, Any]:
+    """The factory's keyword arguments: model_args plus the model options that are set."""
+    options = dict(config.model_args)
+    named = {"dit": config.dit, "dit_high_noise": config.dit_high_noise, "timestep_boundary": config.timestep_boundary,
+             "fp8_scaled": True if config.fp8_scaled else None}
+    for name, value in named.items():
+        if value is None:
+            continue
+        if name in options and options[name] != value:
+            raise MusubiError(f"{name} is given twice, as {value!r} and in model_args as {options[name]!r}; keep one.")
+        options[name] = value
+    return options
+
+
+def _join_process_group() -> bool:
+    """Under ``accelerate launch`` / ``torchrun`` with several processes: join the process group now
+    (each process takes its own GPU before any model loads) and keep the other processes quiet.
+    Returns whether this is the main process."""
+    state = _process_group()
+    if state is None:
+        return True
+    if not state.is_main_process:
+        logging.getLogger().setLevel(logging.ERROR)
+        warnings.simplefilter("ignore")
+    return state.is_main_process
+
+
+def _process_group():
+    """accelerate's state of a multi-process launch (the process group joined), or None for one process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    # On a machine without a GPU the processes train on the CPU (gloo) with nothing to configure.
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or multi_process_cpu())
+
+
+def _shared_random_seed() -> int:
+    """A random seed, the same on every process of a multi-process run (the main process's)."""
+    seed = random.SystemRandom().randrange(2**32)
+    if _process_group() is not None:
+        from accelerate.utils import broadcast_object_list
+
+        seed = broadcast_object_list([seed])[0]
+    return seed
 
 
 class ConsoleProgress(TrainCallbacks):
@@ -120,6 +199,18 @@ class ConsoleProgress(TrainCallbacks):
     def __init__(self):
         self.stop = False
         self.every = 1
+        self.main = True  # only the main process of a multi-process run prints
+
+    def on_prepared(self, model_summary: str | None, dataset) -> None:
+        """What the run loaded: the model (as its adapter describes it) and the data."""
+        if not self.main:
+            return
+        if model_summary:
+            print(model_summary, flush=True)
+        buckets = dataset.buckets() if callable(getattr(dataset, "buckets", None)) else {}
+        shapes = ", ".join("x".join(map(str, shape)) for shape in sorted(buckets))
+        print(f"data: {len(dataset)} items (repeats included)" + (f" in {len(buckets)} bucket(s) of latent shape {shapes}" if buckets else ""),
+              flush=True)
 
     def on_start(self, start_step: int, total_steps: int) -> None:
         self.every = max(1, (total_steps - start_step) // _PRINTS_PER_RUN)
@@ -140,24 +231,34 @@ class ConsoleProgress(TrainCallbacks):
 
 
 class _stop_on_ctrl_c:
-    """While active, the first Ctrl-C asks the trainer to stop and save; the second aborts."""
+    """While active, the first Ctrl-C asks the trainer to stop and save; the second aborts.
+
+    SIGTERM asks for the same stop and save (never an abort): launchers (accelerate's for one
+    process) and cluster schedulers send it before they kill a run. Under a multi-process launch
+    the launcher passes the signal on to every process; the main process's request counts.
+    """
 
     def __init__(self, progress: ConsoleProgress):
         self.progress = progress
-        self.previous = None
+        self.previous: dict[int, Any] = {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._handle)
+            self.previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._handle)
+            if hasattr(signal, "SIGTERM"):
+                self.previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._handle)
         return self
 
     def _handle(self, signum, frame):
         if self.progress.stop:
-            raise KeyboardInterrupt
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
         self.progress.stop = True
-        print("\nStopping after this step and saving a resumable checkpoint (Ctrl-C again to abort).", flush=True)
+        if self.progress.main:
+            print("\nStopping after this step and saving a resumable checkpoint (Ctrl-C again to abort).", flush=True)
 
     def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+        for number, previous in self.previous.items():
+            signal.signal(number, previous)
         return False

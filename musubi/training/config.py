@@ -25,6 +25,9 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from ..errors import MusubiError
+from ..lora.modules import NETWORK_TYPES
+from ..lora.network import check_network_type, network_type_from_module
+from .models import BUILTIN_MODELS, model_choices_help
 from .timesteps import METHODS, WEIGHTING_SCHEMES, TimestepSettings, add_timestep_arguments
 from .settings import TrainSettings, check_option_value, option_fields
 
@@ -42,8 +45,7 @@ TABLE_KINDS = ("key values", "table")
 
 # musubi-tuner options this trainer does not take, and what to do instead.
 _MUSUBI_ONLY = {
-    "dataset_config": "train on cached latents: set data_dir to a latent cache folder",
-    "network_module": "the LoRA network follows the model's architecture",
+    "fp8_base": "fp8_scaled loads the frozen weights block-scaled to fp8 (musubi-tuner's --fp8_base --fp8_scaled)",
     "save_last_n_steps": "use save_last_n_checkpoints (keeps the newest N checkpoints)",
     "save_last_n_epochs": "use save_last_n_checkpoints (keeps the newest N checkpoints)",
     "save_last_n_steps_state": "use save_last_n_checkpoints (states are pruned with their LoRA files)",
@@ -70,30 +72,56 @@ class TrainConfig:
     """A checked training configuration: what to build, and the trainer's settings."""
 
     model: str
-    data_dir: str
+    data_dir: str | None
     settings: TrainSettings
     dit: str | None = None
+    dit_high_noise: str | None = None
+    timestep_boundary: float | None = None
+    fp8_scaled: bool = False
+    dataset_config: str | None = None
+    num_repeats: int = 1
     model_args: dict = dataclasses.field(default_factory=dict)
     network_dim: int | None = None
     network_alpha: float = 1.0
     network_dropout: float | None = None
     network_args: Any = None
     network_weights: str | None = None
+    network_type: str = "lora"
     resume: str | None = None
     source: str | None = None
 
 
 _BUILD_OPTIONS = (
-    ConfigOption("model", "optional str", None, "model adapter: 'toy' or 'package.module:factory' (required)", group="model"),
-    ConfigOption("dit", "optional str", None, "DiT checkpoint path, handed to the adapter factory", group="model"),
+    ConfigOption("model", "optional str", None, model_choices_help(), group="model"),
+    ConfigOption("dit", "optional str", None, "the DiT checkpoint (Wan 2.2 A14B: the low-noise expert)", group="model"),
+    ConfigOption("dit_high_noise", "optional str", None,
+                 "Wan 2.2 A14B: the high-noise expert's checkpoint; one LoRA trains on both experts", group="model"),
+    ConfigOption("timestep_boundary", "optional float", None,
+                 "Wan 2.2 A14B: noise level where the high-noise expert takes over (values above 1 are timesteps; "
+                 "default 0.875, 0.9 for image-to-video)", group="model"),
+    ConfigOption("fp8_scaled", "bool", False,
+                 "load the frozen weights block-scaled to fp8 (about half of bf16's memory), as Load DiT (fp8 scaled)",
+                 group="model"),
     ConfigOption("model_args", "table", {}, "more keyword arguments for the adapter factory", group="model"),
-    ConfigOption("data_dir", "optional str", None, "latent cache folder (required)", group="model"),
+    ConfigOption("data_dir", "optional str", None,
+                 "cache folder to train on: the Training Dataset node's or musubi-tuner's caches, or latent cache items "
+                 "(this or dataset_config is required)", group="data"),
+    ConfigOption("dataset_config", "optional str", None,
+                 "musubi-tuner's dataset TOML: trains on each dataset's cache_directory with its num_repeats", group="data"),
+    ConfigOption("num_repeats", "int", 1, "how often each item of data_dir appears per epoch", group="data"),
     ConfigOption("network_dim", "optional int", None, "LoRA rank (default 4)", group="network"),
     ConfigOption("network_alpha", "float", 1.0, "LoRA alpha (scale = alpha / rank)", group="network"),
     ConfigOption("network_dropout", "optional float", None, "dropout on the LoRA's inner features", group="network"),
     ConfigOption("network_args", "key values", None,
                  "e.g. ['loraplus_lr_ratio=4', \"exclude_patterns=['.*norm.*']\"]", group="network"),
-    ConfigOption("network_weights", "optional str", None, "start from this LoRA file", group="network"),
+    ConfigOption("network_weights", "optional str", None,
+                 "start from this LoRA/LoHa/LoKr file (a warm start: its type and ranks must fit these settings)",
+                 group="network"),
+    ConfigOption("network_type", "optional str", None, "lora (default), loha or lokr (LoKr's factor: network_args factor=N)",
+                 choices=NETWORK_TYPES, group="network"),
+    ConfigOption("network_module", "optional str", None,
+                 "musubi-tuner's spelling of network_type: networks.lora (or networks.lora_*), networks.loha, networks.lokr",
+                 group="network"),
     ConfigOption("resume", "optional str", None, "a state folder to resume from, or 'latest'", group="saving"),
 )
 
@@ -195,15 +223,37 @@ def resolve_config(file_values: Mapping[str, Any], overrides: Mapping[str, Any],
     timesteps = TimestepSettings(**{name: values[name] for name in timestep_names}).validate()
     settings = TrainSettings(**{option.name: values[option.name] for option in option_fields()}, timesteps=timesteps).validate()
     if not values["model"]:
-        raise MusubiError("model is required: 'toy' or an adapter factory 'package.module:factory'.")
-    if not values["data_dir"]:
-        raise MusubiError("data_dir is required: the folder of cached latents to train on.")
+        raise MusubiError(f"model is required: {', '.join(BUILTIN_MODELS)}, or an adapter factory 'package.module:factory'.")
+    if not values["data_dir"] and not values["dataset_config"]:
+        raise MusubiError("the training data is required: data_dir (a cache folder) or dataset_config (musubi-tuner's "
+                          "dataset TOML, read through its cache_directory entries).")
+    if values["data_dir"] and values["dataset_config"]:
+        raise MusubiError("data_dir and dataset_config are both set; give one of them.")
+    if values["num_repeats"] < 1:
+        raise MusubiError(f"num_repeats must be at least 1, got {values['num_repeats']}.")
+    if values["timestep_boundary"] is not None and not values["dit_high_noise"]:
+        raise MusubiError("timestep_boundary is for Wan 2.2 A14B's two experts: set dit_high_noise too (dit is then the "
+                          "low-noise expert), or leave timestep_boundary out.")
     return TrainConfig(
         model=values["model"], data_dir=values["data_dir"], settings=settings, dit=values["dit"],
+        dit_high_noise=values["dit_high_noise"], timestep_boundary=values["timestep_boundary"],
+        fp8_scaled=values["fp8_scaled"], dataset_config=values["dataset_config"], num_repeats=values["num_repeats"],
         model_args=dict(values["model_args"]), network_dim=values["network_dim"], network_alpha=values["network_alpha"],
         network_dropout=values["network_dropout"], network_args=values["network_args"],
-        network_weights=values["network_weights"], resume=values["resume"], source=source,
+        network_weights=values["network_weights"], network_type=_network_type(values), resume=values["resume"],
+        source=source,
     )
+
+
+def _network_type(values: Mapping[str, Any]) -> str:
+    """network_type, or musubi-tuner's network_module; both given must name the same type."""
+    from_module = network_type_from_module(values["network_module"])
+    given = values["network_type"]
+    if given and from_module and given != from_module:
+        raise MusubiError(
+            f"network_type = {given!r} and network_module = {values['network_module']!r} name different networks; keep one."
+        )
+    return check_network_type(given or from_module)
 
 
 def _unknown_key_message(key: str, options: Mapping[str, ConfigOption]) -> str:

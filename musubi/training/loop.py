@@ -6,14 +6,21 @@ the per-sample mean squared error against ``ε − x0`` in float32, weight each 
 (``weighting_scheme``) and average; then clip, step the optimizer and the lr schedule once.
 
 Everything that decides what happens next is part of a checkpoint's state folder: LoRA weights,
-optimizer, lr schedule, all random states (torch, CUDA, python, numpy and the trainer's noise
+optimizer, lr schedule, all random states (torch, CUDA, python, numpy and the trainer's noise-level
 generator), and the position in the data. The batch order of an epoch is drawn from a generator
-seeded by (seed, epoch), so training 2N steps gives the same LoRA as N steps, a resume, and N more.
+seeded by (seed, epoch) and each sample's noise ε from one seeded by (seed, step, batch, row), so
+training 2N steps gives the same LoRA as N steps, a resume, and N more.
 A state is read completely before anything is restored; ``resume_from="latest"`` falls back past
 states that do not read to the newest one that does, and the result names what it skipped.
 
-Multi-GPU (``accelerate launch``): every process takes its share of each epoch's batches,
-gradients are averaged across processes before each step, and only the main process writes.
+Several processes (``accelerate launch --num_processes N``, data parallel): a batch holds
+``batch_size × N`` items, and each process trains its shard of every batch (rows r, r + N, …).
+What a batch draws — its items, noise levels and each sample's noise — depends on the batch and
+the seed alone, never on which process trains a row, and each process's loss is its rows' share of
+the batch mean, so the summed gradients are exactly the gradient of the whole batch: N processes ×
+batch_size B train the same LoRA as one process × batch_size N·B (up to float rounding). Only the
+main process writes files, logs and reports progress; a state saved by N processes resumes in any
+number of them.
 """
 
 from __future__ import annotations
@@ -91,6 +98,8 @@ class TrainResult:
     resumed_from: str | None = None  # the state folder this call continued from
     skipped_states: list[str] = field(default_factory=list)  # newer states that could not be read, and why
     resume_changes: list[str] = field(default_factory=list)  # "name old → new" of what differs from that state
+    step_seconds: list[float] = field(default_factory=list)  # wall time of each optimizer step (saving excluded)
+    sync_seconds: list[float] = field(default_factory=list)  # of that, time in collective calls (several processes)
 
     @property
     def last_state_dir(self) -> str | None:
@@ -121,7 +130,7 @@ class TrainCallbacks:
 class _Progress:
     global_step: int = 0
     epoch: int = 0  # epochs completed
-    position: int = 0  # batches of the current epoch this process has consumed
+    position: int = 0  # batches of the current epoch consumed (by all processes together)
 
 
 # --- the trainer -------------------------------------------------------------------------------
@@ -190,9 +199,9 @@ class Trainer:
         if saved is None:
             _seed_global_rngs(seed, rank)
 
-        batches_per_epoch = self.dataset.num_batches(settings.batch_size)
-        self.batches_per_process = -(-batches_per_epoch // world)
-        self.steps_per_epoch = -(-self.batches_per_process // settings.gradient_accumulation_steps)
+        self.global_batch_size = settings.batch_size * world  # every process trains its shard of each batch
+        batches_per_epoch = self.dataset.num_batches(self.global_batch_size)
+        self.steps_per_epoch = -(-batches_per_epoch // settings.gradient_accumulation_steps)
         if settings.max_train_epochs is not None:
             total_steps = settings.max_train_epochs * self.steps_per_epoch
         else:
@@ -219,7 +228,8 @@ class Trainer:
             settings.lr_scheduler_num_cycles, settings.lr_scheduler_power, settings.lr_scheduler_min_lr_ratio,
             settings.lr_scheduler_args, settings.lr_scheduler_timescale,
         )
-        noise_generator = torch.Generator().manual_seed(_derive_seed(seed, "noise", rank))
+        # Draws the noise levels of every batch; seeded alike on every process, so all draw the same.
+        noise_generator = torch.Generator().manual_seed(_derive_seed(seed, "noise", 0))
         progress = _Progress()
         recent_losses: collections.deque[float] = collections.deque(maxlen=max(1, self.steps_per_epoch))
         resume_changes: list[str] = []
@@ -254,10 +264,12 @@ class Trainer:
             group = plan[progress.position: progress.position + settings.gradient_accumulation_steps]
             step = progress.global_step + 1
             micro_losses = []
-            for batch_number, indices in group:
+            step_started, self.sync_time = time.perf_counter(), 0.0
+            for micro, (batch_number, indices) in enumerate(group):
                 u = None if uniforms is None else uniforms[batch_number][: len(indices)]
-                loss, loss_value, noise_levels = self._micro_step(indices, u, noise_generator, step)
-                accelerator.backward(loss / len(group))
+                loss, loss_value, noise_levels = self._micro_step(indices, u, noise_generator, step, micro)
+                if loss is not None:  # None: this process has no row of a short batch
+                    accelerator.backward(loss / len(group))
                 micro_losses.append(loss_value)
                 if accelerator.is_main_process and accelerator.trackers:
                     histogram.append(noise_levels)
@@ -267,6 +279,8 @@ class Trainer:
             if not accelerator.optimizer_step_was_skipped:
                 scheduler.step()
             prepared.zero_grad(set_to_none=True)
+            result.step_seconds.append(time.perf_counter() - step_started)
+            result.sync_seconds.append(self.sync_time)
 
             progress.global_step = step
             progress.position += len(group)
@@ -293,40 +307,81 @@ class Trainer:
         self._save_final(progress, recent_losses, result)
         return result
 
-    def _micro_step(self, indices: list[int], u, noise_generator: torch.Generator, step: int):
-        """Forward one batch; returns its (weighted, float32) loss, that loss averaged over the
-        processes as a float, and the noise levels drawn."""
+    def _micro_step(self, indices: list[int], u, noise_generator: torch.Generator, step: int, micro: int):
+        """Forward this process's shard of one batch; returns its loss (its rows' share of the batch's
+        weighted float32 mean; None when it has no row), the batch's loss summed over the processes
+        as a float, and the batch's noise levels."""
         accelerator, settings = self.accelerator, self.settings
-        batch = self.dataset.collate([self.dataset[index] for index in indices])
-        batch = {key: value.to(accelerator.device) for key, value in batch.items()}
-        latents = batch.pop("latents").float()
-        count = latents.shape[0]
-        latent_hw = tuple(latents.shape[-2:])
+        world, rank = accelerator.num_processes, accelerator.process_index
+        count = len(indices)
+        rows = list(range(rank, count, world))
+        shard = self.dataset.collate([self.dataset[indices[row]] for row in rows]) if rows else {}
+        shard = {key: value.to(accelerator.device) for key, value in shard.items()}
+        latents = shard.pop("latents").float() if rows else None
+        latent_hw = self._latent_hw(indices[0], latents)
         noise_levels = sample_noise_levels(settings.timesteps, count, latent_hw=latent_hw, generator=noise_generator, u=u)
         boundary = getattr(self.adapter, "expert_boundary", None)
         if boundary is not None and count > 1:  # one expert per batch (Wan 2.2 A14B)
             noise_levels = same_expert_noise_levels(
                 noise_levels, boundary, lambda: sample_noise_levels(settings.timesteps, 1, latent_hw=latent_hw, generator=noise_generator)
             )
-        noise = torch.randn(latents.shape, generator=noise_generator, dtype=torch.float32).to(accelerator.device)
-        t = noise_levels.to(accelerator.device)
-        noisy = noisy_latents(latents, noise, t)
-        target = self.adapter.velocity_target(latents, noise)
-        with accelerator.autocast():
-            prediction = self.adapter.predict_velocity(noisy, t, batch)
-        loss = flow_matching_loss(prediction, target, loss_weights(settings.timesteps, noise_levels).to(accelerator.device))
-        loss_value = self.accelerator.gather(loss.detach().reshape(1)).float().mean().item()
+        loss = None
+        contribution = torch.zeros((), device=accelerator.device)
+        if rows:
+            noise = torch.stack([self._sample_noise(latents.shape[1:], step, micro, row) for row in rows]).to(accelerator.device)
+            t = noise_levels[rows].to(accelerator.device)
+            noisy = noisy_latents(latents, noise, t)
+            target = self.adapter.velocity_target(latents, noise)
+            with accelerator.autocast():
+                prediction = self.adapter.predict_velocity(noisy, t, shard)
+            loss = flow_matching_loss(prediction, target, loss_weights(settings.timesteps, noise_levels[rows]).to(accelerator.device))
+            if len(rows) != count:
+                loss = loss * (len(rows) / count)  # this shard's share of the batch mean
+            contribution = loss.detach()
+        loss_value = self._sum_over_processes(contribution.reshape(1)).item()
         if not math.isfinite(loss_value):
             self._raise_not_finite(step, "loss")
         return loss, loss_value, noise_levels
 
+    def _latent_hw(self, index: int, latents: torch.Tensor | None) -> tuple[int, int]:
+        """The batch's latent height and width (the resolution-dependent shifts use them), from the
+        dataset's plan where it tells them, so a process without a row of the batch knows them too."""
+        shape_of = getattr(self.dataset, "latent_shape", None)
+        if callable(shape_of):
+            return tuple(shape_of(index)[-2:])
+        if latents is None:
+            raise MusubiError("the dataset does not tell its items' latent shapes (latent_shape(index)), which a "
+                              "multi-process run needs; use a LatentCacheDataset.")
+        return tuple(latents.shape[-2:])
+
+    def _sample_noise(self, shape, step: int, micro: int, row: int) -> torch.Tensor:
+        """The noise ε of row ``row`` of batch ``micro`` of optimizer step ``step``: the same on any process."""
+        generator = torch.Generator().manual_seed(_derive_seed(self.seed, "noise", step, micro, row))
+        return torch.randn(tuple(shape), generator=generator, dtype=torch.float32)
+
+    def _sum_over_processes(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.accelerator.num_processes == 1:
+            return tensor.float().sum()
+        started = time.perf_counter()
+        total = self.accelerator.reduce(tensor.float(), reduction="sum").sum()
+        self.sync_time += time.perf_counter() - started
+        return total
+
     def _optimizer_step(self, prepared, trainable: list[torch.nn.Parameter], step: int) -> None:
         accelerator = self.accelerator
         if accelerator.num_processes > 1:
+            started = time.perf_counter()
             for param in trainable:
-                if param.grad is None:
+                if param.grad is None:  # e.g. a process without a row in this step's batches
                     param.grad = torch.zeros_like(param)
-                param.grad = accelerator.reduce(param.grad, reduction="mean")
+            # Each process's loss is its share of the batch mean, so the sum is the whole batch's gradient.
+            for bucket in _gradient_buckets(trainable):
+                flat = accelerator.reduce(torch.cat([param.grad.reshape(-1) for param in bucket]), reduction="sum")
+                offset = 0
+                for param in bucket:
+                    param.grad.copy_(flat[offset: offset + param.numel()].view_as(param.grad))
+                    offset += param.numel()
+            self.sync_time += time.perf_counter() - started
         norm = None
         if self.settings.max_grad_norm > 0:
             norm = accelerator.clip_grad_norm_(trainable, self.settings.max_grad_norm)
@@ -349,7 +404,7 @@ class Trainer:
 
     def _stop_requested(self) -> bool:
         stop = bool(_call(self.callbacks, "should_stop", default=False))
-        if self.accelerator.num_processes > 1:
+        if self.accelerator.num_processes > 1:  # the main process's answer counts
             flag = torch.tensor([1.0 if stop and self.accelerator.is_main_process else 0.0], device=self.accelerator.device)
             stop = bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
         return stop
@@ -357,19 +412,17 @@ class Trainer:
     # --- data -----------------------------------------------------------------------------------
 
     def _epoch_plan(self, epoch: int) -> tuple[list[tuple[int, list[int]]], torch.Tensor | None]:
-        """This process's (batch number, item indices) list of an epoch, and the epoch's stratified
-        uniforms (row j for batch number j) when num_timestep_buckets is set."""
+        """An epoch's (batch number, item indices) list — the same on every process, which each
+        trains its shard of — and the epoch's stratified uniforms (row j for batch number j) when
+        num_timestep_buckets is set."""
         generator = torch.Generator().manual_seed(_derive_seed(self.seed, "epoch", epoch))
-        batches = self.dataset.batches(self.settings.batch_size, generator)
+        batches = self.dataset.batches(self.global_batch_size, generator)
         uniforms = None
         buckets = self.settings.timesteps.num_timestep_buckets
         if buckets:
-            size = self.settings.batch_size
+            size = self.global_batch_size
             uniforms = stratified_uniforms(buckets, len(batches) * size, generator).reshape(len(batches), size)
-        world, rank = self.accelerator.num_processes, self.accelerator.process_index
-        # Every process gets the same number of batches; the last ones wrap around to the start.
-        numbers = [number % len(batches) for number in range(rank, self.batches_per_process * world, world)]
-        return [(number, batches[number]) for number in numbers], uniforms
+        return list(enumerate(batches)), uniforms
 
     # --- logging --------------------------------------------------------------------------------
 
@@ -484,6 +537,7 @@ class Trainer:
             "seed": self.seed,
             "total_steps": self.total_steps,
             "num_processes": self.accelerator.num_processes,
+            "global_batch_size": self.global_batch_size,
             "dataset_size": len(self.dataset),
             "batches_per_epoch": self.batches_per_epoch,
             "settings": settings.to_dict(),
@@ -545,8 +599,8 @@ class Trainer:
             timestep_range = (low, high)
         return lora_formats.training_metadata(
             network.preset, network.network_dim, network.network_alpha,
-            network_args=getattr(network, "network_args", None) or None, values=values,
-            title=settings.metadata_title or settings.output_name, timestamp=self.started_at,
+            network_args=lora_formats.network_args_of(network), network_module=getattr(network, "network_module", None),
+            values=values, title=settings.metadata_title or settings.output_name, timestamp=self.started_at,
             author=settings.metadata_author, description=settings.metadata_description,
             license=settings.metadata_license, tags=settings.metadata_tags, timestep_range=timestep_range,
         )
@@ -600,7 +654,7 @@ class Trainer:
             differing = sorted(set(current) ^ set(stored)) or sorted(k for k in current if current[k] != stored[k])
             raise MusubiError(
                 f"resume: the state in {loaded.folder} holds a LoRA of another layout ({', '.join(differing[:4])} …); "
-                "network_dim, network_args and the model must be those of the interrupted run."
+                "network_type, network_dim, network_args and the model must be those of the interrupted run."
             )
         self.network.load_state_dict(weights)
 
@@ -622,25 +676,39 @@ class Trainer:
         _restore_rng_state(loaded.rng[rank % len(loaded.rng)], noise_generator)
         recent_losses.extend(saved.get("recent_losses", []))
         logger.info("Resumed from %s at step %d.", state_dir, saved["global_step"])
-        return _Progress(int(saved["global_step"]), int(saved["epoch"]), int(saved["position"]))
+        position = int(saved["position"])
+        before = saved.get("batches_per_epoch")
+        if position and before and before != self.batches_per_epoch:
+            # Batches of another size (another number of processes, say): continue at the same share of the epoch.
+            position = min(self.batches_per_epoch, position * self.batches_per_epoch // int(before))
+        return _Progress(int(saved["global_step"]), int(saved["epoch"]), position)
 
     def _resume_changes(self, loaded: SavedState) -> list[str]:
         """What differs between the state's run and this one ("name old → new"), also warned about."""
         saved, changes = loaded.trainer_state, []
+        saved_global = saved.get("global_batch_size")
+        if saved_global is None:  # states written before batches were sharded: each process had whole batches
+            saved_global = saved.get("settings", {}).get("batch_size")
         facts = {
             "dataset_size": len(self.dataset),
-            "num_processes": self.accelerator.num_processes,
+            "global_batch_size": self.global_batch_size,  # batch_size × processes
             "batches_per_epoch": self.batches_per_epoch,
         }
+        saved_facts = {**saved, "global_batch_size": saved_global}
         for name, now in facts.items():
-            if saved.get(name) != now:
-                changes.append(f"{name} {saved.get(name)} → {now}")
+            if saved_facts.get(name) != now:
+                changes.append(f"{name} {saved_facts.get(name)} → {now}")
+        if saved.get("num_processes", 1) != self.accelerator.num_processes:
+            logger.info("resume: the state was saved by %s process(es), this run has %d.", saved.get("num_processes", 1),
+                        self.accelerator.num_processes)
         if saved.get("settings_hash") != self.settings.settings_hash():
             before = _flatten(saved.get("settings", {}))
             after = _flatten(self.settings.result_settings())
             for key, value in after.items():
                 if key == "seed" and value is None:
                     continue  # no seed asked for: the state's seed is used
+                if key == "batch_size" and saved_global == self.global_batch_size:
+                    continue  # the same batches, split over another number of processes
                 if key in before and before[key] != plain_value(value):
                     note = " (the state's seed is kept)" if key == "seed" else ""
                     changes.append(f"{key} {before[key]!r} → {value!r}{note}")
@@ -667,6 +735,26 @@ def flow_matching_loss(prediction: torch.Tensor, target: torch.Tensor, weights: 
     error = F.mse_loss(prediction.float(), target.float(), reduction="none")
     per_sample = error.reshape(error.shape[0], -1).mean(dim=1)
     return apply_loss_weights(per_sample, weights.float()).mean()
+
+
+GRADIENT_BUCKET_ELEMENTS = 1 << 25  # 128 MiB of float32 per all-reduce call
+
+
+def _gradient_buckets(params: list[torch.nn.Parameter]) -> list[list[torch.nn.Parameter]]:
+    """The parameters in groups of one dtype and device, each up to GRADIENT_BUCKET_ELEMENTS: one
+    all-reduce per group instead of one per tensor (a LoRA has hundreds of small tensors, and each
+    collective call costs a round of latency)."""
+    buckets: list[list[torch.nn.Parameter]] = []
+    open_buckets: dict[tuple, tuple[list, int]] = {}
+    for param in params:
+        key = (param.grad.dtype, param.grad.device)
+        bucket, size = open_buckets.get(key, (None, 0))
+        if bucket is None or size + param.numel() > GRADIENT_BUCKET_ELEMENTS:
+            bucket, size = [], 0
+            buckets.append(bucket)
+        bucket.append(param)
+        open_buckets[key] = (bucket, size + param.numel())
+    return buckets
 
 
 def _flatten(values: dict) -> dict[str, Any]:
@@ -751,9 +839,16 @@ def _make_accelerator(settings: TrainSettings):
         AcceleratorState._reset_state()
         GradientState._reset_state()
     try:
-        return Accelerator(mixed_precision=settings.mixed_precision, log_with=trackers or None, project_dir=project_dir)
+        return Accelerator(mixed_precision=settings.mixed_precision, log_with=trackers or None, project_dir=project_dir,
+                           cpu=multi_process_cpu())
     except (ValueError, RuntimeError) as error:
         raise MusubiError(f"cannot set up training with mixed_precision {settings.mixed_precision!r}: {error}") from error
+
+
+def multi_process_cpu() -> bool:
+    """Several processes launched (``accelerate launch``, ``torchrun``) on a machine without CUDA:
+    they train on the CPU with gloo, which accelerate only does when told to."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
 def _init_trackers(accelerator, settings: TrainSettings, hyperparameters: dict[str, Any]) -> None:
