@@ -10,7 +10,7 @@ from comfy_api.latest import io, ui
 
 from ..musubi.errors import MusubiError
 from ..musubi.data.image_embeddings import load_image_embedding, save_image_embedding
-from .paths import new_output_path
+from .paths import missing_file_message, new_output_path, register_model_folder
 
 IMAGE_EMBEDDINGS = "image_embeddings"
 SAVE_NODE = "Save Image Embedding"
@@ -19,9 +19,7 @@ LOAD_NODE = "Load Image Embedding (cached)"
 
 def register_image_embeddings_folder() -> None:
     """``models/image_embeddings`` holds cached image-encoder outputs (ours and musubi-tuner's latent caches)."""
-    if IMAGE_EMBEDDINGS not in folder_paths.folder_names_and_paths:
-        folder = os.path.join(folder_paths.models_dir, IMAGE_EMBEDDINGS)
-        folder_paths.folder_names_and_paths[IMAGE_EMBEDDINGS] = ([folder], {".safetensors"})
+    register_model_folder(IMAGE_EMBEDDINGS, {".safetensors"})
 
 
 register_image_embeddings_folder()
@@ -75,6 +73,15 @@ class MusubiLoadImageEmbedding(io.ComfyNode):
             ],
             outputs=[io.ClipVisionOutput.Output(tooltip="A CLIP-vision output with last_hidden_state [1, tokens, width].")],
         )
+
+    @classmethod
+    def validate_inputs(cls, embedding: str | None = None, path: str | None = "") -> bool | str:
+        """A missing file is reported when the prompt is queued; a given path replaces the picked name."""
+        if path is not None and path.strip():
+            return True if os.path.isfile(path.strip()) else f"{LOAD_NODE}: path {path.strip()!r} is not a file."
+        if path is None:  # linked: what arrives decides, at execution
+            return True
+        return missing_file_message(LOAD_NODE, "embedding", IMAGE_EMBEDDINGS, embedding) or True
 
     @classmethod
     def execute(cls, embedding: str, path: str = "") -> io.NodeOutput:

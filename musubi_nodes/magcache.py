@@ -33,7 +33,7 @@ from ..musubi.magcache.recorder import CalibrationRecorder
 from ..musubi.magcache.steps import repeated_levels
 from .adapters.comfy_model import ConditioningCheck
 from .magcache_patch import MagCacheRun, RunContext, RunPlan, block_layout, install
-from .paths import new_output_path
+from .paths import missing_file_message, new_output_path, register_model_folder
 
 CATEGORY = "musubi/sampling"
 MAGCACHE_FOLDER = "magcache"
@@ -44,9 +44,7 @@ PATCH_NODE = "MagCache (patch model)"
 
 def register_magcache_folder() -> None:
     """``models/magcache`` holds calibrations (JSON) that the MagCache nodes list for reuse."""
-    if MAGCACHE_FOLDER not in folder_paths.folder_names_and_paths:
-        folder = os.path.join(folder_paths.models_dir, MAGCACHE_FOLDER)
-        folder_paths.folder_names_and_paths[MAGCACHE_FOLDER] = ([folder], {".json"})
+    register_model_folder(MAGCACHE_FOLDER, {".json"})
 
 
 register_magcache_folder()
@@ -169,6 +167,16 @@ def _magcache_inputs() -> list:
     ]
 
 
+def missing_ratios_message(node: str, ratios: str | None, pasted_ratios: str | None) -> str | None:
+    """Why the ``ratios`` pick cannot be used (a calibration file missing from models/magcache),
+    or None; pasted ratios replace the pick, so then nothing is checked."""
+    if ratios is None or pasted_ratios is None or pasted_ratios.strip():
+        return None
+    if ratios == "auto" or ratios in list_default_models():
+        return None
+    return missing_file_message(node, "ratios", MAGCACHE_FOLDER, ratios)
+
+
 # ---------------------------------------------------------------------------------------------
 # Nodes
 # ---------------------------------------------------------------------------------------------
@@ -198,6 +206,11 @@ class MusubiMagCacheSampler(io.ComfyNode):
                 io.String.Output("report", tooltip="Which steps were skipped and how many model calls were made."),
             ],
         )
+
+    @classmethod
+    def validate_inputs(cls, ratios: str | None = None, pasted_ratios: str | None = "") -> bool | str:
+        """A missing calibration file is reported when the prompt is queued."""
+        return missing_ratios_message(SAMPLER_NODE, ratios, pasted_ratios) or True
 
     @classmethod
     def execute(cls, model, seed: int, steps: int, cfg: float, sampler_name: str, scheduler: str, positive, negative,
@@ -295,6 +308,11 @@ class MusubiMagCache(io.ComfyNode):
             inputs=inputs,
             outputs=[io.Model.Output(tooltip="The model with MagCache; every sampling run with it is cached.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, ratios: str | None = None, pasted_ratios: str | None = "") -> bool | str:
+        """A missing calibration file is reported when the prompt is queued."""
+        return missing_ratios_message(PATCH_NODE, ratios, pasted_ratios) or True
 
     @classmethod
     def execute(cls, model, threshold: float, retention_ratio: float, K: int, ratios: str, expert: str,

@@ -17,11 +17,43 @@ from ..musubi.files import glob_matcher, path_inside
 TEXT_EMBEDDINGS = "text_embeddings"
 
 
+def register_model_folder(name: str, extensions: set[str] | frozenset[str]) -> None:
+    """Make ``models/<name>`` a model folder of ComfyUI that lists files with ``extensions``.
+
+    A user may already have named the folder in ``extra_model_paths.yaml`` (ComfyUI reads it
+    before custom nodes load, and registers such a folder with no extension filter): their
+    folders stay and stay first, ``models/<name>`` is added after them (as
+    ``folder_paths.add_model_folder_path`` adds a path), and the extensions are added to
+    whatever filter is set, so the lists never offer other kinds of files.
+    """
+    default = os.path.join(folder_paths.models_dir, name)
+    if name not in folder_paths.folder_names_and_paths:
+        folder_paths.folder_names_and_paths[name] = ([default], set(extensions))
+    else:
+        paths, known = folder_paths.folder_names_and_paths[name]
+        if not any(os.path.normcase(os.path.abspath(path)) == os.path.normcase(os.path.abspath(default)) for path in paths):
+            folder_paths.add_model_folder_path(name, default)  # appended: configured folders come first
+        folder_paths.folder_names_and_paths[name] = (folder_paths.folder_names_and_paths[name][0], set(known) | set(extensions))
+    cache = getattr(folder_paths, "filename_list_cache", None)
+    if isinstance(cache, dict):
+        cache.pop(name, None)  # a list made before the change would hide the added folder
+
+
 def register_text_embeddings_folder() -> None:
     """``models/text_embeddings`` holds cached text-encoder outputs (ours and musubi-tuner's)."""
-    if TEXT_EMBEDDINGS not in folder_paths.folder_names_and_paths:
-        folder = os.path.join(folder_paths.models_dir, TEXT_EMBEDDINGS)
-        folder_paths.folder_names_and_paths[TEXT_EMBEDDINGS] = ([folder], {".safetensors"})
+    register_model_folder(TEXT_EMBEDDINGS, {".safetensors"})
+
+
+def missing_file_message(node: str, option: str, folder: str, name) -> str | None:
+    """Why ``name``, picked in ``option`` of ``node`` from the ``folder`` list, cannot be loaded
+    (it is in none of the folder's paths), or None when it is there. For ``validate_inputs``,
+    which reports it with ComfyUI's own checks before anything runs. A linked input (None at
+    validation) is not checked here; the node's ``execute`` checks what arrives."""
+    if name is None or folder_paths.get_full_path(folder, name) is not None:
+        return None
+    roots = ", ".join(folder_paths.get_folder_paths(folder))
+    return (f"{node}: {option} {name!r} is not in the {folder} folders ({roots}); "
+            f"put the file there or pick one that the list shows.")
 
 
 def list_files(folder: str) -> list[str]:

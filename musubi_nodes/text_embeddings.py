@@ -14,7 +14,7 @@ from ..musubi.data.text_embeddings import (
     save_text_embedding,
     validate_for_architecture,
 )
-from .paths import TEXT_EMBEDDINGS, list_files, new_output_path, register_text_embeddings_folder
+from .paths import TEXT_EMBEDDINGS, list_files, missing_file_message, new_output_path, register_text_embeddings_folder
 
 register_text_embeddings_folder()
 CATEGORY = "musubi/conditioning"
@@ -38,6 +38,15 @@ class MusubiLoadTextEmbedding(io.ComfyNode):
             ],
             outputs=[io.Conditioning.Output(tooltip="Conditioning with the pooled output where the architecture uses one.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, embedding: str | None = None, path: str | None = "") -> bool | str:
+        """A missing file is reported when the prompt is queued; a given path replaces the picked name."""
+        if path is not None and path.strip():
+            return True if os.path.isfile(path.strip()) else f"Load Text Embedding (cached): path {path.strip()!r} is not a file."
+        if path is None:  # linked: what arrives decides, at execution
+            return True
+        return missing_file_message("Load Text Embedding (cached)", "embedding", TEXT_EMBEDDINGS, embedding) or True
 
     @classmethod
     def execute(cls, embedding: str, architecture: str, path: str = "") -> io.NodeOutput:

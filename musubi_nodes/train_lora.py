@@ -18,7 +18,7 @@ from ..musubi.files import remove_leftovers
 from ..musubi.training.expert_pair import ExpertPairAdapter
 from ..musubi.lora.formats import from_canonical
 from ..musubi.training.loss_plot import render_loss_curve
-from ..musubi.lora.network import LoRANetwork
+from ..musubi.lora.network import create_network
 from ..musubi.training.timesteps import TimestepSettings
 from ..musubi.training.loop import TrainCallbacks, Trainer
 from ..musubi.training.checkpoints import plan_run
@@ -32,6 +32,7 @@ from .train_settings import CheckpointSettings, CompileSettingsType, DatasetType
 
 NODE = "Train LoRA"
 PROGRESS_EVENT = "musubi.train.progress"
+STATUS_EVENT = "musubi.train.status"  # the run's messages (new name, resume, where Cancel stopped), for the node
 STATES_FOLDER = "musubi_training_states"  # under ComfyUI's output folder
 
 
@@ -40,7 +41,7 @@ class MusubiTrainLoRA(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="MusubiTrainLoRA",
-            display_name=NODE,
+            display_name="Train LoRA (musubi)",
             category="musubi/training",
             description="Trains a LoRA on a diffusion MODEL with musubi-tuner's method (flow-matching velocity loss, its timestep samplers, optimizers and schedules), saving checkpoints into models/loras/<output_name>/ and resume states into output/musubi_training_states/. Cancel keeps a resumable checkpoint. The MODEL output has the LoRA applied.",
             is_output_node=True,
@@ -60,7 +61,7 @@ class MusubiTrainLoRA(io.ComfyNode):
                 io.Combo.Input("resume", options=["no", "latest"], default="latest",
                                tooltip="latest: continue from the newest resumable state of this output_name that loads, if there is one (after a Cancel, say); the report says from which step and what changed. no: start fresh. A fresh run never overwrites another run: when output_name already holds one, it becomes <output_name>_2 (…_3, …)."),
                 io.Combo.Input("mixed_precision", options=["no", "bf16", "fp16"], default="no", tooltip="Autocast of the forward pass."),
-                io.Boolean.Input("gradient_checkpointing", default=False, tooltip="Recompute block activations in the backward pass: much less memory, ~30 % slower."),
+                io.Boolean.Input("gradient_checkpointing", default=False, tooltip="Recompute block activations in the backward pass: much less memory, about one more forward pass per step (~25 % slower)."),
                 NetworkSettings.Input("network_settings", optional=True, tooltip="From LoRA Network Settings (default: rank 32, alpha 16)."),
                 OptimizerSettings.Input("optimizer_settings", optional=True, tooltip="From Optimizer + LR Schedule (default: AdamW 1e-4, constant)."),
                 TimestepSettingsType.Input("timestep_settings", optional=True, tooltip="From Timestep Settings (default: musubi's sigma sampling)."),
@@ -75,6 +76,9 @@ class MusubiTrainLoRA(io.ComfyNode):
                                                 tooltip="FramePack models: from FramePack Training Settings (layout vanilla/F1/one-frame, SigLIP image embedding)."),
                 CompileSettingsType.Input("compile_settings", optional=True,
                                           tooltip="From Compile Settings: torch.compile of the transformer blocks while training (default: off)."),
+                io.Combo.Input("network_weights", options=["none", *folder_paths.get_filename_list("loras")], default="none",
+                               optional=True,
+                               tooltip="Warm start: begin from this LoRA/LoHa/LoKr file instead of a fresh one (its type and rank must match LoRA Network Settings). A resumable state of this output_name (resume = latest) wins over it."),
             ],
             outputs=[
                 io.Model.Output("trained_model", display_name="model", tooltip="The input model with the trained LoRA applied."),
@@ -91,7 +95,7 @@ class MusubiTrainLoRA(io.ComfyNode):
                 resume, mixed_precision, gradient_checkpointing, network_settings=None, optimizer_settings=None,
                 timestep_settings=None, checkpoint_settings=None, latents=None, conditioning=None,
                 dataset=None, model_high_noise=None, timestep_boundary=0.875, framepack_settings=None,
-                compile_settings=None) -> io.NodeOutput:
+                compile_settings=None, network_weights="none") -> io.NodeOutput:
         output_dir = lora_output_dir(output_name)
         network_options = {"network_dim": 32, "network_alpha": 16.0, **(network_settings or {})}
         settings = TrainSettings(**{
@@ -127,9 +131,11 @@ class MusubiTrainLoRA(io.ComfyNode):
             adapter, dataset_view = prepare_training(model, data, framepack_settings, model_high_noise, timestep_boundary)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)  # the LoRA's initial weights follow the seed too
-                network = LoRANetwork(adapter.lora_root(), adapter.architecture, **network_options)
+                network_type = network_options.pop("network_type", "lora")
+                network = create_network(network_type, adapter.lora_root(), adapter.architecture, **network_options)
             try:
-                progress = ProgressReporter(cls.hidden.unique_id, steps)
+                network_lines = network_report(network, network_type, network_weights)
+                progress = ProgressReporter(cls.hidden.unique_id, steps, plan)
                 trainer = Trainer(adapter, network, dataset_view, settings, callbacks=progress)
                 result = trainer.train(resume_from=plan.resume_from)
                 lora = from_canonical({k: v.detach().float().cpu() for k, v in network.state_dict().items()}, "comfyui",
@@ -137,8 +143,11 @@ class MusubiTrainLoRA(io.ComfyNode):
             finally:
                 network.remove()
         if result.interrupted:
-            logging.warning("%s: stopped at step %d (state %s); queue again with resume = latest to continue.%s", NODE,
-                            result.global_step, result.last_state_dir, run_report(plan, result, settings).replace("\n", "\n  "))
+            stopped = (f"Stopped at step {result.global_step} on request; resume from {result.last_state_dir}: "
+                       "queue again with resume = latest to continue.")
+            report = run_report(plan, result, settings)
+            logging.warning("%s: %s%s", NODE, stopped, report.replace("\n", "\n  "))
+            progress.status("stopped", stopped + report)  # the node shows it: an interrupted run has no output
             comfy.model_management.interrupt_current_processing(False)
             raise comfy.model_management.InterruptProcessingException()
         trained, _ = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0)
@@ -152,12 +161,34 @@ class MusubiTrainLoRA(io.ComfyNode):
         report = run_report(plan, result, settings)
         if report:
             logging.info("%s:%s", NODE, report.replace("\n", "\n  "))
-        summary += report
+        progress.status("finished", summary.split("\n", 1)[0] + report)
+        if result.resumed_from and network_weights not in (None, "", "none"):
+            network_lines += "\nthe resumed state's weights replaced those of the warm start"
+        summary += report + network_lines
         if isinstance(adapter, ExpertPairAdapter):
             calls = adapter.calls
             summary += (f"\n{calls['high_noise']} batches on the high-noise expert, "
                         f"{calls['low_noise']} batches on the low-noise expert (boundary {adapter.expert_boundary:g})")
         return io.NodeOutput(trained, lora, losses, result.final_lora_path or "", trained_high, ui=loss_ui(cls, result, summary, settings.output_name))
+
+
+def network_report(network, network_type: str, network_weights: str | None) -> str:
+    """Warm-starts ``network`` from ``network_weights`` (a loras name, or none) and returns the
+    summary lines about the network: its type, and for LoKr the layers that keep a full W2."""
+    lines = [] if network_type == "lora" else [network.describe()]
+    if network_weights and network_weights != "none":
+        path = folder_paths.get_full_path_or_raise("loras", network_weights)
+        try:
+            loaded = network.warm_start(path)
+        except MusubiError as error:
+            raise MusubiError(f"{NODE}: network_weights {network_weights}: {error}") from error
+        line = f"warm start from {network_weights}: {len(loaded.loaded_modules)} layers"
+        if loaded.modules_not_in_file:
+            line += f" ({len(loaded.modules_not_in_file)} more layers start fresh)"
+        lines.append(line + "".join(f"; {note}" for note in loaded.notes))
+    for line in lines:
+        logging.info("%s: %s", NODE, line)
+    return "".join("\n" + line for line in lines)
 
 
 def run_report(plan, result, settings) -> str:
@@ -210,18 +241,67 @@ def lora_output_dir(output_name: str) -> str:
     return output_dir
 
 
+def executing_prompt() -> tuple[str | None, str | None]:
+    """(prompt id, client id) of the prompt ComfyUI executes now.
+
+    The prompt id comes from ComfyUI's execution context (``comfy_execution.utils``, set around
+    every node call), else from the server's ``last_prompt_id``; the client id is what the
+    executor took from the queued prompt's ``client_id`` (``PromptServer.instance.client_id``, the
+    address ComfyUI's own progress messages go to). Either is None where there is none (no
+    server, or a prompt queued without a client id).
+    """
+    prompt_id = client_id = None
+    try:
+        from comfy_execution.utils import get_executing_context
+
+        context = get_executing_context()
+        prompt_id = context.prompt_id if context is not None else None
+    except Exception:  # noqa: BLE001 — an older ComfyUI: the server's record below
+        pass
+    try:
+        from server import PromptServer
+
+        server = PromptServer.instance
+        prompt_id = prompt_id or getattr(server, "last_prompt_id", None)
+        client_id = getattr(server, "client_id", None)
+    except Exception:  # noqa: BLE001 — no server (headless use of the node class)
+        pass
+    return prompt_id, client_id
+
+
 class ProgressReporter(TrainCallbacks):
-    """ComfyUI's progress bar, Cancel, and the live loss curve of the web extension.
+    """ComfyUI's progress bar, Cancel, and the live view of the web extension.
 
     ComfyUI's progress hook raises (and clears the interrupt flag) when Cancel was pressed; the
     request is remembered here so the trainer can save a resumable checkpoint before stopping.
+
+    Every event names the node, the prompt and the client that queued it, and goes to that
+    client only: the extension draws only prompts its tab queued. A prompt queued without a
+    client id (an API script) gets no events; the node's outputs report the run.
     """
 
-    def __init__(self, node_id, total_steps: int):
+    def __init__(self, node_id, total_steps: int, plan=None):
         self.node_id = node_id
+        self.plan = plan
+        self.prompt_id, self.client_id = executing_prompt()
         self.bar = comfy.utils.ProgressBar(total_steps, node_id=node_id)
         self.losses: list[float] = []
         self.cancelled = False
+
+    def send(self, event: str, data: dict) -> None:
+        if self.client_id is None:
+            return
+        try:
+            from server import PromptServer
+
+            message = {"node": self.node_id, "prompt_id": self.prompt_id, "client_id": self.client_id, **data}
+            PromptServer.instance.send_sync(event, message, self.client_id)
+        except Exception:  # noqa: BLE001 — no server (headless use of the node class): the bar is enough
+            pass
+
+    def status(self, kind: str, text: str) -> None:
+        """Lines the node shows under its loss curve: ``kind`` is started, stopped or finished."""
+        self.send(STATUS_EVENT, {"kind": kind, "text": text.strip()})
 
     def _update_bar(self, step: int, total: int | None = None) -> None:
         if self.should_stop():
@@ -232,6 +312,14 @@ class ProgressReporter(TrainCallbacks):
             self.cancelled = True
 
     def on_start(self, start_step: int, total_steps: int) -> None:
+        lines = []
+        if self.plan is not None and self.plan.renamed_from is not None:
+            lines.append(self.plan.describe())
+        if start_step > 0:
+            name = self.plan.settings.output_name if self.plan is not None else "the run"
+            lines.append(f"resumed '{name}' from its state of step {start_step}; training to step {total_steps}")
+        if lines:
+            self.status("started", "\n".join(lines))
         self._update_bar(start_step, total_steps)
 
     def should_stop(self) -> bool:
@@ -241,9 +329,4 @@ class ProgressReporter(TrainCallbacks):
     def on_step(self, step: int, loss: float, lrs: dict[str, float]) -> None:
         self.losses.append(loss)
         self._update_bar(step)
-        try:
-            from server import PromptServer
-
-            PromptServer.instance.send_sync(PROGRESS_EVENT, {"node": self.node_id, "step": step, "loss": loss, "lrs": lrs})
-        except Exception:  # no server (headless use of the node class) — the bar is enough
-            pass
+        self.send(PROGRESS_EVENT, {"step": step, "loss": loss, "lrs": lrs})

@@ -6,12 +6,14 @@ this pack linked into ``custom_nodes`` and every other custom node disabled.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -191,6 +193,94 @@ class ComfyServer:
 
     def interrupt(self) -> None:
         self.post_json("/interrupt", {})
+
+    # --- websocket clients ---------------------------------------------------------
+    def listen(self, client_id: str | None = None) -> "EventListener":
+        """A websocket client of this server (like a browser tab) that keeps every message it gets."""
+        return EventListener(self.url, client_id)
+
+    def queue_from(self, client_id: str | None, graph: dict) -> str:
+        """Queue a graph as the client ``client_id`` does (None: no client id, as an API script may)."""
+        payload = {"prompt": graph} if client_id is None else {"prompt": graph, "client_id": client_id}
+        return self.post_json("/prompt", payload)["prompt_id"]
+
+
+class EventListener:
+    """One websocket client with its own clientId, reading in a thread: ``events(kind)`` are the
+    ``data`` of the JSON messages of that type received so far. Binary messages (previews) are
+    skipped. Use as a context manager, or call ``close``."""
+
+    def __init__(self, url: str, client_id: str | None = None, timeout: float = 30):
+        self.client_id = client_id or uuid.uuid4().hex
+        self.messages: list[tuple[str, dict]] = []
+        self._lock = threading.Lock()
+        self._connected = threading.Event()
+        self._error: BaseException | None = None
+        self._socket = None
+        self._loop = asyncio.new_event_loop()
+        ws_url = url.replace("http://", "ws://", 1) + f"/ws?clientId={self.client_id}"
+        self._thread = threading.Thread(target=self._run, args=(ws_url,), daemon=True)
+        self._thread.start()
+        if not self._connected.wait(timeout):
+            raise TimeoutError(f"no websocket connection to {ws_url}: {self._error!r}")
+        if self._error is not None:
+            raise RuntimeError(f"websocket {ws_url}: {self._error!r}")
+
+    def _run(self, ws_url: str) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_until_complete(self._read(ws_url))
+        except BaseException as error:  # noqa: BLE001 — reported to the waiting test
+            self._error = error
+            self._connected.set()
+        finally:
+            self._loop.close()
+
+    async def _read(self, ws_url: str) -> None:
+        import aiohttp
+
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(ws_url, max_msg_size=0) as socket_:
+                self._socket = socket_
+                async for message in socket_:
+                    if message.type != aiohttp.WSMsgType.TEXT:
+                        continue
+                    data = json.loads(message.data)
+                    with self._lock:
+                        self.messages.append((data.get("type"), data.get("data")))
+                    if data.get("type") == "status":
+                        self._connected.set()  # the server now addresses this client id
+
+    def events(self, kind: str | None = None, prefix: str | None = None) -> list[dict]:
+        with self._lock:
+            return [data for type_, data in self.messages
+                    if (kind is None or type_ == kind) and (prefix is None or str(type_).startswith(prefix))]
+
+    def types(self) -> list[str]:
+        with self._lock:
+            return [type_ for type_, _ in self.messages]
+
+    def wait_for(self, predicate, timeout: float = 120, what: str = "a message") -> dict:
+        """The first message ``data`` for which ``predicate(type, data)`` holds, waiting for it."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                for type_, data in self.messages:
+                    if predicate(type_, data):
+                        return data
+            time.sleep(0.05)
+        raise TimeoutError(f"client {self.client_id} never received {what}; it got {self.types()[-20:]}")
+
+    def close(self) -> None:
+        if self._socket is not None and self._thread.is_alive():
+            asyncio.run_coroutine_threadsafe(self._socket.close(), self._loop).result(10)
+        self._thread.join(10)
+
+    def __enter__(self) -> "EventListener":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _json_or_none(body: bytes):

@@ -6,10 +6,21 @@ Python package. For each UI workflow the page calls ``app.loadGraphData`` and th
 that no "missing nodes" dialog or error toast appears, that the frontend builds every node (its
 type is registered, ``LiteGraph.createNode`` gives a node, and after loading it is neither marked
 ``has_errors`` nor the frontend's placeholder for a node it could not create), and that the
-frontend's own ``graphToPrompt`` gives exactly the workflow's ``.api.json`` twin. Nodes that the
-frontend cannot build fail with one message naming each (``workflow: node id, type, why``) before
-any API-format comparison. It also checks that this pack's web extensions register and add their
-widgets without errors.
+frontend's own ``graphToPrompt`` gives exactly the workflow's API-format twin
+(``workflows/api/<name>.api.json``). Nodes that the frontend cannot build fail with one message
+naming each (``workflow: node id, type, why``) before any API-format comparison. It also checks
+that this pack's web extensions register and add their widgets without errors.
+
+Layout: after loading, the page reads every node's bounding box as the frontend lays it out, then
+plays what a run does to the nodes — a training step reaches Train LoRA's live loss chart, then
+every node that shows an output gets one (the loss plot and pictures as images, videos as video,
+reports as text, Load Image/Load Video a file) — and reads the boxes again. No two nodes may
+overlap at any of those sizes, every node lies inside the group whose area holds its centre (below
+the group's title bar), nodes outside groups stay clear of them, and groups do not overlap.
+
+Models: loader nodes carry ``properties.models`` (name, url, directory), which the frontend reads to
+offer downloads of missing files; the missing-models dialog must list exactly the files the server
+lacks, with no error (unknown folder, source or suffix).
 
 Screenshots (one per workflow) go to ``$MUSUBI_TEST_ARTIFACTS/browser/`` when that variable is
 set, else to pytest's temporary folder; the folder is printed in the test's output.
@@ -19,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import re
@@ -39,7 +51,9 @@ BROWSER_SKIP_REASON = (
     "MUSUBI_CHROMIUM at a Chromium/Chrome binary to run the browser test"
 )
 WORKFLOWS = REPO_ROOT / "workflows"
-UI_WORKFLOWS = sorted(path for path in WORKFLOWS.glob("*.json") if not path.name.endswith(".api.json"))
+# ComfyUI offers every *.json directly in workflows/ as a template (loaded with app.loadGraphData);
+# the API-format twins live in workflows/api/, which it does not list.
+UI_WORKFLOWS = sorted(WORKFLOWS.glob("*.json"))
 EXTENSIONS = {"musubi.PostHocEMAMerge", "musubi.TrainLossCurve"}
 # The control graphs: a type nobody registered, and a registered type whose constructor throws.
 UNKNOWN_TYPE = "MusubiNoSuchNode"
@@ -47,6 +61,11 @@ THROWING_TYPE = "MusubiThrowingNode"
 # ComfyUI's optional requirements: without them core nodes such as UpscaleModelLoader do not load,
 # and the frontend cannot build loaders such as VAELoader either.
 OPTIONAL_REQUIREMENTS = "kornia, spandrel"
+
+
+def api_twin(path: Path) -> Path:
+    """The API-format twin of a UI workflow."""
+    return WORKFLOWS / "api" / f"{path.stem}.api.json"
 
 
 def find_chromium() -> str | None:
@@ -168,8 +187,11 @@ _INSPECT = """
   for (const node of Object.values(prompt)) delete node._meta;
   const widgets = {};
   for (const node of app.graph._nodes) widgets[node.id] = {type: node.type, names: (node.widgets || []).map((w) => w.name)};
-  return {dialogs: visible(".p-dialog"), errorToasts: visible(".p-toast-message-error"), built,
-          nodeCount: app.graph._nodes.length, prompt, widgets};
+  const dialogs = [...document.querySelectorAll(".p-dialog")].filter((e) => e.offsetParent !== null);
+  const missingModels = dialogs.flatMap((d) => [...d.querySelectorAll(".comfy-missing-models li")].map((e) => e.innerText));
+  return {dialogs: dialogs.filter((d) => !d.querySelector(".comfy-missing-models")).map((e) => e.innerText.slice(0, 400)),
+          missingModelsDialogs: dialogs.filter((d) => d.querySelector(".comfy-missing-models")).length, missingModels,
+          errorToasts: visible(".p-toast-message-error"), built, nodeCount: app.graph._nodes.length, prompt, widgets};
 })()
 """
 
@@ -186,6 +208,180 @@ document.querySelectorAll('.p-dialog-close-button, .p-toast-close-button').forEa
 """
 
 
+# What a run does to the nodes' sizes, in three steps: as loaded; with Train LoRA's live chart fed
+# a training step and the run's messages (a prompt this tab "queued": /prompt answers a made-up id,
+# so web/train_loss.js takes the events as its own); after every node that shows an output got one
+# (LAYOUT_OUTPUTS; the other pack nodes show a text report). Each node's box is the union over the
+# steps of its bounding box (title bar included) with the height its content asks for
+# (computeSize), which the frontend grows a node to whenever it resizes it. Media load
+# asynchronously, so the page waits until each shows.
+LAYOUT_IMAGE = {"filename": "musubi_layout_plot.png", "subfolder": "", "type": "temp"}
+LAYOUT_VIDEO = {"filename": "musubi_layout_clip.webm", "subfolder": "", "type": "temp"}
+LAYOUT_SQUARE_VIDEO = {"filename": "musubi_layout_square_clip.webm", "subfolder": "", "type": "temp"}
+LAYOUT_TEXT = ["a report\nof six\nlines\nas the pack's\nnodes\nwrite them"]
+LAYOUT_TRAINING_MESSAGE = "\n".join(f"message line {i}: a new name taken, a resume, where Cancel stopped" for i in range(1, 9))
+LAYOUT_OUTPUTS = {
+    "MusubiTrainLoRA": {"images": [LAYOUT_IMAGE], "text": LAYOUT_TEXT},
+    "MusubiTimestepDistributionPreview": {"images": [LAYOUT_IMAGE]},
+    "SaveImage": {"images": [LAYOUT_IMAGE]},
+    "LoadImage": {"images": [LAYOUT_IMAGE]},
+    "SaveVideo": {"images": [LAYOUT_VIDEO], "animated": [True]},
+    "LoadVideo": {"images": [LAYOUT_SQUARE_VIDEO], "animated": [True]},  # a user's clip: any shape; a square one is tall
+    "PreviewAny": {"text": LAYOUT_TEXT},
+}
+_LAYOUT = """
+(async () => {
+  const api = window.comfyAPI.api.api;
+  const outputs = %s;
+  const text = %s;
+  const message = %s;
+  const frames = async (count) => {
+    for (let i = 0; i < count; i++) {
+      app.canvas.draw(true, true);
+      await new Promise((resolve) => setTimeout(resolve, 50));
+    }
+  };
+  const boxes = {};
+  const record = () => {
+    for (const node of app.graph._nodes) {
+      const [x, y, w, h] = node.getBounding();
+      const wanted = node.computeSize()[1] + LiteGraph.NODE_TITLE_HEIGHT;
+      const box = [x, y, x + w, y + Math.max(h, wanted)];
+      const seen = boxes[node.id]?.box;
+      boxes[node.id] = {title: node.title, type: node.type, box: seen
+        ? [Math.min(seen[0], box[0]), Math.min(seen[1], box[1]), Math.max(seen[2], box[2]), Math.max(seen[3], box[3])] : box};
+    }
+  };
+  // Every node on screen: the frontend builds output previews only for nodes it draws.
+  const overview = async () => {
+    await app.extensionManager.command.execute("Comfy.Canvas.FitView");
+    await frames(3);
+  };
+  // Train LoRA at 100 %%: its chart and messages are HTML, laid out only while shown.
+  const closeUp = async (node) => {
+    for (let i = 0; i < 10 && !(i && app.canvas.ds.scale === 1); i++) {  // a view fit still pending may undo it
+      app.canvas.ds.scale = 1;
+      app.canvas.ds.offset = [40 - node.pos[0], 80 - node.pos[1]];
+      await frames(3);
+    }
+  };
+  await overview();
+  record();
+  const trainers = app.graph._nodes.filter((node) => node.type === "MusubiTrainLoRA");
+  const unchanged = [];
+  if (trainers.length) {
+    const prompt = "musubi-layout-" + Math.random().toString(36).slice(2);
+    const fetchApi = api.fetchApi;
+    api.fetchApi = async (route, options) => route === "/prompt"
+      ? new Response(JSON.stringify({prompt_id: prompt, number: 0, node_errors: {}}), {status: 200})
+      : fetchApi.call(api, route, options);
+    try {
+      await api.queuePrompt(0, {output: {}, workflow: app.graph.serialize()});
+    } finally {
+      api.fetchApi = fetchApi;
+    }
+    for (const node of trainers) {
+      await closeUp(node);
+      const before = node.computeSize()[1];
+      const event = {node: String(node.id), prompt_id: prompt, client_id: api.clientId};
+      api.dispatchCustomEvent("musubi.train.progress", {...event, step: 1, loss: 0.1, lrs: {unet: 1e-4}});
+      api.dispatchCustomEvent("musubi.train.status", {...event, kind: "note", text: message});
+      await frames(5);
+      if (node.computeSize()[1] <= before) unchanged.push(`${node.title} (node ${node.id})`);
+      record();
+    }
+    await overview();
+  }
+  record();
+  const media = [];
+  for (const node of app.graph._nodes) {
+    const output = outputs[node.type] ?? (String(node.type).startsWith("Musubi") ? {text} : null);
+    if (!output) continue;
+    if (output.images) media.push(node);
+    api.dispatchCustomEvent("executed", {node: String(node.id), display_node: String(node.id), output, prompt_id: "layout"});
+  }
+  const shown = (node) => (node.widgets || []).some((w) => w.name === "$$canvas-image-preview" || w.name === "video-preview");
+  for (let i = 0; i < 200 && !media.every(shown); i++) await frames(1);
+  await frames(5);
+  record();
+  for (const node of trainers) {  // the loss plot under the chart and its messages
+    await closeUp(node);
+    record();
+  }
+  const groups = app.graph._groups.map((g) => ({title: g.title, box: [g.pos[0], g.pos[1], g.pos[0] + g.size[0], g.pos[1] + g.size[1]],
+                                                 titleHeight: g.titleHeight}));
+  return {nodes: boxes, groups, mediaNotShown: media.filter((n) => !shown(n)).map((n) => `${n.title} (node ${n.id})`),
+          chartUnchanged: unchanged};
+})()
+"""
+
+
+def layout_script() -> str:
+    return _LAYOUT % (json.dumps(LAYOUT_OUTPUTS), json.dumps(LAYOUT_TEXT), json.dumps(LAYOUT_TRAINING_MESSAGE))
+
+
+def write_layout_media(temp_dir: Path) -> None:
+    """The picture and the videos the layout check shows in nodes, in the server's temp folder: a
+    768×384 plot (Train LoRA's size), a 832×480 clip (what the workflows sample) and a 480×480 one."""
+    import av
+    import numpy as np
+    from PIL import Image
+
+    temp_dir.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (768, 384), (40, 60, 90)).save(temp_dir / LAYOUT_IMAGE["filename"])
+    for video, (width, height) in ((LAYOUT_VIDEO, (832, 480)), (LAYOUT_SQUARE_VIDEO, (480, 480))):
+        with av.open(str(temp_dir / video["filename"]), mode="w") as container:
+            stream = container.add_stream("libvpx", rate=16)
+            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+            for shade in range(0, 200, 40):
+                frame = np.full((height, width, 3), shade, dtype=np.uint8)
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+            container.mux(stream.encode())
+
+
+def _overlap(a, b) -> tuple[float, float]:
+    return min(a[2], b[2]) - max(a[0], b[0]), min(a[3], b[3]) - max(a[1], b[1])
+
+
+def layout_problems(layout: dict) -> list[str]:
+    """Overlapping nodes, nodes outside their group, groups over each other, by title."""
+    problems = [f"the simulated output never showed in {name}" for name in layout.get("mediaNotShown", [])]
+    problems += [f"the simulated training messages never reached the live chart of {name}" for name in layout.get("chartUnchanged", [])]
+    nodes = sorted(layout["nodes"].items(), key=lambda item: int(item[0]))
+    groups = layout["groups"]
+
+    def named(node_id, node) -> str:
+        return f"'{node['title']}' (node {node_id})"
+
+    for i, (id_a, a) in enumerate(nodes):
+        for id_b, b in nodes[i + 1:]:
+            width, height = _overlap(a["box"], b["box"])
+            if width > 0 and height > 0:
+                problems.append(f"{named(id_a, a)} and {named(id_b, b)} overlap by {width:.0f}×{height:.0f} px")
+    for node_id, node in nodes:
+        x0, y0, x1, y1 = node["box"]
+        centre = ((x0 + x1) / 2, (y0 + y1) / 2)
+        home = [g for g in groups if g["box"][0] <= centre[0] <= g["box"][2] and g["box"][1] <= centre[1] <= g["box"][3]]
+        if not home:
+            if node["type"] not in ("Note", "MarkdownNote") and groups:
+                problems.append(f"{named(node_id, node)} is in no group")
+            for group in groups:
+                width, height = _overlap(node["box"], group["box"])
+                if width > 0 and height > 0:
+                    problems.append(f"{named(node_id, node)} reaches into group '{group['title']}'")
+            continue
+        gx0, gy0, gx1, gy1 = home[0]["box"]
+        if x0 < gx0 or x1 > gx1 or y0 < gy0 + home[0]["titleHeight"] or y1 > gy1:
+            problems.append(f"{named(node_id, node)} sticks out of group '{home[0]['title']}' "
+                            f"(node {[round(v) for v in node['box']]}, group {[round(v) for v in home[0]['box']]})")
+    for i, a in enumerate(groups):
+        for b in groups[i + 1:]:
+            width, height = _overlap(a["box"], b["box"])
+            if width > 0 and height > 0:
+                problems.append(f"groups '{a['title']}' and '{b['title']}' overlap")
+    return problems
+
+
 async def _load(page: DevToolsPage, workflow: dict, name: str) -> dict:
     await page.evaluate(_CLOSE_DIALOGS)
     await page.wait_for("document.querySelectorAll('.p-dialog').length === 0", timeout=10)
@@ -194,12 +390,17 @@ async def _load(page: DevToolsPage, workflow: dict, name: str) -> dict:
     return await page.evaluate(_INSPECT % json.dumps(workflow))
 
 
-async def _check_in_browser(chromium: str, url: str, profile: Path, artifacts: Path) -> dict:
+@contextlib.asynccontextmanager
+async def frontend_page(chromium: str, url: str, profile: Path, width: int = 2000, height: int = 1250,
+                        settings: dict | None = None):
+    """Headless Chromium showing the ComfyUI frontend at ``url``, ready (node types registered and
+    this pack's extensions loaded); yields its DevToolsPage. ``settings`` are stored on the server
+    first (the first-run template browser is always skipped)."""
     import aiohttp
 
     process = subprocess.Popen(
         [chromium, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-         "--remote-debugging-port=0", f"--user-data-dir={profile}", "--window-size=2000,1250", "about:blank"],
+         "--remote-debugging-port=0", f"--user-data-dir={profile}", f"--window-size={width},{height}", "about:blank"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     try:
@@ -211,9 +412,7 @@ async def _check_in_browser(chromium: str, url: str, profile: Path, artifacts: P
                 break
         assert endpoint, "Chromium did not open its DevTools port"
         async with aiohttp.ClientSession() as session:
-            # Skip the first-run template browser, which would cover the canvas, and draw node
-            # text even when a whole workflow is fitted into the screenshot.
-            for setting, value in (("Comfy.TutorialCompleted", True), ("LiteGraph.Canvas.LowQualityRenderingZoomThreshold", 0.1)):
+            for setting, value in {"Comfy.TutorialCompleted": True, **(settings or {})}.items():
                 async with session.post(f"{url}/api/settings/{setting}", json=value) as answer:
                     assert answer.status == 200
             async with session.get(f"http://{endpoint}/json/list") as answer:
@@ -222,7 +421,15 @@ async def _check_in_browser(chromium: str, url: str, profile: Path, artifacts: P
                 page = DevToolsPage(socket)
                 reader = asyncio.create_task(page.read())
                 try:
-                    return await _inspect_workflows(page, url, artifacts)
+                    for domain in ("Runtime", "Page", "Log"):
+                        await page.send(f"{domain}.enable")
+                    await page.send("Emulation.setDeviceMetricsOverride", width=width, height=height,
+                                    deviceScaleFactor=1, mobile=False)
+                    await page.send("Page.navigate", url=url)
+                    await page.wait_for("window.app?.graph && window.LiteGraph && Object.keys(LiteGraph.registered_node_types).length > 50")
+                    await page.wait_for(f"{json.dumps(sorted(EXTENSIONS))}.every((n) => app.extensions.some((e) => e.name === n))",
+                                        timeout=20)
+                    yield page
                 finally:
                     reader.cancel()
     finally:
@@ -234,20 +441,22 @@ async def _check_in_browser(chromium: str, url: str, profile: Path, artifacts: P
             process.wait()
 
 
-async def _inspect_workflows(page: DevToolsPage, url: str, artifacts: Path) -> dict:
-    for domain in ("Runtime", "Page", "Log"):
-        await page.send(f"{domain}.enable")
-    await page.send("Emulation.setDeviceMetricsOverride", width=2000, height=1250, deviceScaleFactor=1, mobile=False)
-    await page.send("Page.navigate", url=url)
-    await page.wait_for("window.app?.graph && window.LiteGraph && Object.keys(LiteGraph.registered_node_types).length > 50")
-    await page.wait_for(f"{json.dumps(sorted(EXTENSIONS))}.every((n) => app.extensions.some((e) => e.name === n))", timeout=20)
-    report = {"workflows": {}, "ready_at": time.monotonic()}
+async def _check_in_browser(chromium: str, url: str, profile: Path, artifacts: Path) -> dict:
+    # Draw node text even when a whole workflow is fitted into the screenshot.
+    async with frontend_page(chromium, url, profile, settings={"LiteGraph.Canvas.LowQualityRenderingZoomThreshold": 0.1}) as page:
+        return await _inspect_workflows(page, artifacts)
+
+
+async def _inspect_workflows(page: DevToolsPage, artifacts: Path) -> dict:
+    report = {"workflows": {}, "layout": {}, "ready_at": time.monotonic()}
     for path in UI_WORKFLOWS:
         workflow = json.loads(path.read_text())
         report["workflows"][path.stem] = await _load(page, workflow, path.name)
+        await page.evaluate(_CLOSE_DIALOGS)
         await page.evaluate("app.extensionManager?.command?.execute?.('Comfy.Canvas.FitView')")
         await asyncio.sleep(0.3)
         await page.screenshot(artifacts / f"{path.stem}.png")
+        report["layout"][path.stem] = await page.evaluate(layout_script())
     report["extension_errors"] = page.errors_from(f"/extensions/{PACK_NAME}/")
     # The detectors themselves: a graph with an unknown node type must raise the missing-nodes
     # dialog, and both controls must be named by the check for nodes the frontend cannot build.
@@ -278,12 +487,22 @@ def browser_report(request, browser_artifacts, tmp_path_factory) -> dict:
     pytest.importorskip("aiohttp", reason="aiohttp (a ComfyUI requirement) is needed to speak to Chromium")
     comfy = request.getfixturevalue("comfy")  # only started once Chromium is known to be there
     print(f"browser screenshots: {browser_artifacts}")
+    write_layout_media(comfy.base_dir / "temp")
+    # What the server holds now decides which embedded models the frontend reports missing.
+    folders = {model["directory"] for path in UI_WORKFLOWS for model in embedded_models(json.loads(path.read_text()))}
+    server_models = {folder: comfy.get_json(f"/models/{folder}") for folder in sorted(folders)}
     started = time.monotonic()
     report = asyncio.run(_check_in_browser(chromium, comfy.url, tmp_path_factory.mktemp("chromium-profile"), browser_artifacts))
     report["seconds"] = time.monotonic() - started
     report["object_info"] = comfy.object_info()
     report["startup_log"] = comfy.startup_log
+    report["server_models"] = server_models
     return report
+
+
+def embedded_models(workflow: dict) -> list[dict]:
+    """The download entries ({name, url, directory}) the workflow's nodes carry in properties.models."""
+    return [model for node in workflow["nodes"] for model in node.get("properties", {}).get("models", [])]
 
 
 def why_not_built(node: dict) -> str | None:
@@ -438,13 +657,62 @@ def test_workflow_loads_without_missing_nodes_and_queues_its_api_twin(browser_re
     message = unbuilt_nodes_message({path.stem: loaded["built"]}, browser_report["startup_log"])
     if message:
         pytest.fail(message, pytrace=False)
-    assert loaded["dialogs"] == [], "a dialog opened on loading"
+    assert loaded["dialogs"] == [], "a dialog (other than the missing-models one) opened on loading"
     assert loaded["errorToasts"] == []
     assert loaded["nodeCount"] == len(workflow["nodes"])
     queued = _declared_inputs_only(loaded["prompt"], browser_report["object_info"])
-    twin = json.loads(path.with_name(path.stem + ".api.json").read_text())
+    twin = json.loads(api_twin(path).read_text())
     assert _differences(queued, twin) == []
     assert (browser_artifacts / f"{path.stem}.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("path", UI_WORKFLOWS, ids=lambda p: p.stem)
+@pytest.mark.comfyui
+@pytest.mark.browser
+def test_missing_models_dialog_offers_exactly_the_missing_files(browser_report, path):
+    """The frontend reads each loader's properties.models: every file the server lacks is listed
+    once, as "folder / name", with a download (no unknown folder, disallowed source or suffix)."""
+    loaded = browser_report["workflows"][path.stem]
+    server = browser_report["server_models"]
+    missing = {model["url"]: f"{model['directory']} / {model['name']}"
+               for model in embedded_models(json.loads(path.read_text())) if model["name"] not in server[model["directory"]]}
+    listed = loaded["missingModels"]
+    assert loaded["missingModelsDialogs"] == (1 if missing else 0), listed
+    assert sorted(next((label for label in missing.values() if label in entry), entry) for entry in listed) == sorted(missing.values())
+    errors = [entry for entry in listed if re.search(r"Invalid directory|not allowed|Only allowed suffixes", entry)]
+    assert errors == []
+
+
+@pytest.mark.parametrize("path", UI_WORKFLOWS, ids=lambda p: p.stem)
+@pytest.mark.comfyui
+@pytest.mark.browser
+def test_nodes_never_overlap_and_stay_in_their_groups(browser_report, path):
+    problems = layout_problems(browser_report["layout"][path.stem])
+    if problems:
+        pytest.fail(f"{path.stem}, as the frontend lays it out (before, during and after a run):\n  "
+                    + "\n  ".join(problems), pytrace=False)
+
+
+def test_the_layout_check_names_overlaps_strays_and_nodes_outside_groups():
+    group = {"title": "1 · Models", "box": [0, 0, 500, 400], "titleHeight": 33.6}
+    def node(title, box, type_="VAELoader"):
+        return {"title": title, "type": type_, "box": box}
+    tidy = {"nodes": {"1": node("Load VAE", [20, 50, 400, 150]), "2": node("Load CLIP", [20, 180, 400, 300]),
+                      "3": node("Read me", [600, 0, 900, 300], "Note")}, "groups": [group]}
+    assert layout_problems(tidy) == []
+    messy = {"nodes": {"1": node("Load VAE", [20, 50, 400, 200]), "2": node("Load CLIP", [20, 180, 400, 420]),
+                       "3": node("Read me", [450, 0, 900, 300], "Note"), "4": node("Save Video", [1000, 0, 1300, 200]),
+                       "5": node("Train LoRA", [20, 10, 400, 40])},
+             "groups": [group, {"title": "2 · Data", "box": [480, 350, 700, 500], "titleHeight": 33.6}],
+             "mediaNotShown": ["Save Video (node 4)"]}
+    problems = layout_problems(messy)
+    assert "the simulated output never showed in Save Video (node 4)" in problems
+    assert "'Load VAE' (node 1) and 'Load CLIP' (node 2) overlap by 380×20 px" in problems
+    assert any(p.startswith("'Load CLIP' (node 2) sticks out of group '1 · Models'") for p in problems)
+    assert any(p.startswith("'Train LoRA' (node 5) sticks out of group '1 · Models'") for p in problems)  # under the title bar
+    assert "'Read me' (node 3) reaches into group '1 · Models'" in problems
+    assert "'Save Video' (node 4) is in no group" in problems
+    assert "groups '1 · Models' and '2 · Data' overlap" in problems
 
 
 @pytest.mark.comfyui

@@ -1,5 +1,9 @@
 """Every shipped workflow is valid against the live node definitions and runs headless.
 
+``workflows/<name>.json`` is the UI format (what ComfyUI offers as a template, with a thumbnail
+``<name>.jpg`` beside it); ``workflows/api/<name>.api.json`` is its API-format twin, which must
+equal the conversion of the UI form.
+
 A workflow names the files users download. For the headless run each one is replaced by a
 tiny stand-in written under the same name (``FIXTURES``: workflow → how to prepare the server):
 
@@ -38,6 +42,9 @@ steps                                 MagCache Sampler 1; KSamplerAdvanced and C
 Training Dataset                      64×64 buckets; its ``clip``/``clip_vision`` stay empty: the
                                       captions are pre-encoded in the cache folder it is pointed to
 Train LoRA ``mixed_precision``        no (bf16 autocast is very slow on CPUs)
+Post-Hoc EMA Merge ``checkpoints``    the same glob inside ``headless_ema/``, where three stand-in step
+                                      checkpoints wait (the real folder is the one the training
+                                      workflow's own headless run writes)
 FramePack Sampler                     1 section of 2 latent frames, 2 steps
 FramePack Training Settings           latent window 1 (the 5-frame stand-in clip is 2 latent frames:
                                       one section)
@@ -59,6 +66,7 @@ from comfy_server import PACK_NAME, REPO_ROOT
 from fixture_files import write_wan_lora_checkpoints
 from musubi.data.plan import ARCHITECTURE_CODES
 from musubi.data.text_embeddings import TextEmbedding, save_text_embedding
+from render_thumbnails import THUMBNAIL_MAX_BYTES, THUMBNAIL_WIDTH, workflow_digest
 from tiny_checkpoints import ARCHS, ensure_tiny_checkpoint
 from tiny_framepack import clip_vision_stand_in, prepare_framepack_workflow, short_framepack_run
 from workflow_fixtures import write_noise_image, write_noise_video, write_random_vaes, write_tiny_lora
@@ -67,7 +75,8 @@ from workflow_tools import check_ui_workflow, ui_to_api
 pytestmark = pytest.mark.comfyui
 
 WORKFLOWS = REPO_ROOT / "workflows"
-UI_WORKFLOWS = sorted(path for path in WORKFLOWS.glob("*.json") if not path.name.endswith(".api.json"))
+API_WORKFLOWS = WORKFLOWS / "api"
+UI_WORKFLOWS = sorted(WORKFLOWS.glob("*.json"))
 
 # Real file name → tiny architecture (tiny_checkpoints.ARCHS) written under that name.
 DIFFUSION_MODELS = {
@@ -92,7 +101,7 @@ VAES = {
 TEXT_ENCODER_TYPES = {"wan": "wan21_t2v", "hunyuan_video": "hunyuan_video", "flux": "flux_kontext", "qwen_image": "qwen_image"}
 HEADLESS_SIZE = {"width": 64, "height": 64, "length": 1}
 HEADLESS_SAMPLING_STEPS = 1  # a Flux/Qwen-Image stand-in step takes ~5 s on a CPU
-HEADLESS_TRAINING_STEPS = 2  # core Plot Loss Graph divides by zero at 1
+HEADLESS_TRAINING_STEPS = 2  # a loss curve of two points, not one
 
 
 # --- preparing the server's folders ----------------------------------------------------------
@@ -142,23 +151,36 @@ def stand_ins(comfy, request, tmp_path_factory) -> StandIns:
         cache = tmp_path_factory.mktemp("stand-ins")
     return StandIns(comfy, Path(cache))
 
-def _prepare_ema_merge(stand_ins):
-    """``my_lora/*.safetensors``: three checkpoints of a run."""
-    folder = stand_ins.comfy.models_dir("loras") / "my_lora"
-    if not folder.exists():
-        write_wan_lora_checkpoints(folder, count=3)
+def api_twin(name: str) -> Path:
+    return API_WORKFLOWS / f"{name}.api.json"
+
+
+HEADLESS_EMA_FOLDER = "headless_ema"
 
 
 def _prepare_calibrate_magcache(stand_ins):
-    """The Wan 2.1 T2V 1.3B file and two cached prompts, as tiny stand-ins under the real names."""
+    """The Wan 2.1 T2V 1.3B file and the two cached prompts (what cache_prompts writes), as stand-ins."""
     comfy = stand_ins.comfy
-    _prepare_named_files(stand_ins, json.loads((WORKFLOWS / "calibrate_magcache.api.json").read_text()))
+    _prepare_named_files(stand_ins, json.loads(api_twin("calibrate_magcache").read_text()))
     for seed, name in enumerate(("magcache_positive", "magcache_negative")):
         path = comfy.models_dir("text_embeddings") / "prompts" / f"{name}.safetensors"
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             context = torch.randn(7, 4096, generator=torch.Generator().manual_seed(seed))
             save_text_embedding(path, TextEmbedding(context=context, architecture="wan", extra={}))
+
+
+def _prepare_ema_merge(stand_ins):
+    """Three step checkpoints of a run, named as Train LoRA names them, under ``headless_ema/``
+    in the folder the workflow's glob names (see ``_headless_ema``)."""
+    [merge] = [n for n in json.loads(api_twin("post_hoc_ema_merge").read_text()).values()
+               if n["class_type"] == "MusubiPostHocEMAMerge"]
+    run = Path(merge["inputs"]["checkpoints"]).parent.name
+    folder = stand_ins.comfy.models_dir("loras") / HEADLESS_EMA_FOLDER / run
+    if not folder.exists():
+        written = write_wan_lora_checkpoints(folder, count=3)
+        for step, path in enumerate(written, 1):
+            path.rename(folder / f"{run}-step{step * 100:06d}.safetensors")  # rename keeps the order by mtime
 
 
 def _model_arch_of(graph: dict, link) -> str:
@@ -238,7 +260,7 @@ def _prepare_dataset(comfy, graph: dict, node: dict) -> None:
 
 def _prepare_from_workflow(name: str):
     def prepare(stand_ins):
-        _prepare_named_files(stand_ins, json.loads((WORKFLOWS / f"{name}.api.json").read_text()))
+        _prepare_named_files(stand_ins, json.loads(api_twin(name).read_text()))
     prepare.__doc__ = f"Stand-ins for the files {name} names."
     return prepare
 
@@ -252,12 +274,13 @@ ARCHITECTURE_WORKFLOWS = [
 FIXTURES = {
     "post_hoc_ema_merge": _prepare_ema_merge,
     "calibrate_magcache": _prepare_calibrate_magcache,
+    "cache_prompts": _prepare_from_workflow("cache_prompts"),
     "timestep_distribution_preview": lambda stand_ins: None,
     **{name: _prepare_from_workflow(name) for name in ARCHITECTURE_WORKFLOWS},
     "framepack_i2v": lambda stand_ins: prepare_framepack_workflow(
-        stand_ins, json.loads((WORKFLOWS / "framepack_i2v.api.json").read_text()), _prepare_named_files),
+        stand_ins, json.loads(api_twin("framepack_i2v").read_text()), _prepare_named_files),
     "framepack_training": lambda stand_ins: prepare_framepack_workflow(
-        stand_ins, json.loads((WORKFLOWS / "framepack_training.api.json").read_text()), _prepare_named_files),
+        stand_ins, json.loads(api_twin("framepack_training").read_text()), _prepare_named_files),
 }
 
 
@@ -300,6 +323,12 @@ def _cpu_training(graph, node_id, node, embedding_file):
     return {**node, "inputs": inputs}
 
 
+def _headless_ema(graph, node_id, node, embedding_file):
+    lines = [f"{HEADLESS_EMA_FOLDER}/{line.strip()}" if line.strip() else line
+             for line in node["inputs"]["checkpoints"].splitlines()]
+    return {**node, "inputs": {**node["inputs"], "checkpoints": "\n".join(lines)}}
+
+
 def _one_latent_frame_window(graph, node_id, node, embedding_file):
     return {**node, "inputs": {**node["inputs"], "latent_window_size": 1}}
 
@@ -334,7 +363,8 @@ HEADLESS_SUBSTITUTIONS = {
     "MusubiMagCacheSampler": (_one_step, "seconds per step for the ~400 M-parameter Flux/Qwen stand-ins"),
     "MusubiCalibrateMagCache": (_two_steps, "ratios need two steps"),
     "KSamplerAdvanced": (_two_steps, "one step per Wan 2.2 A14B expert"),
-    "MusubiTrainLoRA": (_cpu_training, "2 steps (core Plot Loss Graph divides by zero at 1), no bf16 autocast (very slow on CPUs)"),
+    "MusubiTrainLoRA": (_cpu_training, "2 steps, no bf16 autocast (very slow on CPUs)"),
+    "MusubiPostHocEMAMerge": (_headless_ema, "stand-in checkpoints under headless_ema/: the training run writes the real folder"),
     "MusubiFramePackSampler": (short_framepack_run, "decoding a 5 s video with the full-size VAE takes minutes"),
     "MusubiFramePackTrainingSettings": (_one_latent_frame_window, "window 9 needs a 37-frame clip; the stand-in has 5 (full-size VAE on a CPU)"),
 }
@@ -362,16 +392,118 @@ def headless_graph(graph: dict, embedding_file) -> dict:
 # --- tests -------------------------------------------------------------------------------------
 
 def _api_twin(ui_path: Path) -> Path:
-    return ui_path.with_name(ui_path.stem + ".api.json")
+    return api_twin(ui_path.stem)
 
 
 def test_every_ui_workflow_has_an_api_twin_and_a_fixture():
     assert UI_WORKFLOWS, "no workflows shipped"
     for path in UI_WORKFLOWS:
-        assert _api_twin(path).is_file(), f"{path.name} has no API-format twin"
+        assert "nodes" in json.loads(path.read_text()), f"{path.name} is not in UI format: ComfyUI offers it as a template"
+        assert _api_twin(path).is_file(), f"{path.name} has no API-format twin in workflows/api/"
         assert path.stem in FIXTURES, f"{path.name} has no fixture mapping for the headless run"
-    for path in WORKFLOWS.glob("*.api.json"):
-        assert path.with_name(path.name.replace(".api.json", ".json")).is_file(), f"{path.name} has no UI twin"
+    for path in API_WORKFLOWS.iterdir():
+        assert path.name.endswith(".api.json") and (WORKFLOWS / path.name.replace(".api.json", ".json")).is_file(), (
+            f"workflows/api/{path.name} is no twin of a UI workflow")
+    assert {path.name for path in WORKFLOWS.iterdir()} == (
+        {path.name for path in UI_WORKFLOWS} | {f"{path.stem}.jpg" for path in UI_WORKFLOWS} | {"api"}), (
+        "workflows/ holds only UI workflows, their thumbnails and api/")
+
+
+@pytest.mark.parametrize("path", UI_WORKFLOWS, ids=lambda p: p.stem)
+def test_every_workflow_groups_its_stages(path):
+    """Groups name the stages (models, data, training, sampling, saving); tests/test_browser.py checks
+    that every node but the notes lies inside one, as the frontend lays it out."""
+    groups = json.loads(path.read_text())["groups"]
+    assert groups and all(group["title"] for group in groups)
+
+
+@pytest.mark.parametrize("path", UI_WORKFLOWS, ids=lambda p: p.stem)
+def test_every_ui_workflow_has_a_current_thumbnail(path):
+    from PIL import Image
+
+    thumbnail = path.with_suffix(".jpg")
+    assert thumbnail.is_file(), f"{thumbnail.name} is missing: run python3 tests/render_thumbnails.py {path.stem}"
+    assert thumbnail.stat().st_size <= THUMBNAIL_MAX_BYTES
+    with Image.open(thumbnail) as image:
+        assert image.format == "JPEG" and image.width == THUMBNAIL_WIDTH
+        recorded = image.info.get("comment", b"").decode()
+    assert recorded == workflow_digest(path), (
+        f"{thumbnail.name} shows an older {path.name}: run python3 tests/render_thumbnails.py {path.stem}")
+
+
+# Where loaders take each model file from (properties.models "directory"), by node type and input.
+MODEL_FOLDERS = {("MusubiLoadDiTFP8Scaled", "unet_name"): "diffusion_models", ("UNETLoader", "unet_name"): "diffusion_models",
+                 ("CLIPLoader", "clip_name"): "text_encoders", ("DualCLIPLoader", "clip_name1"): "text_encoders",
+                 ("DualCLIPLoader", "clip_name2"): "text_encoders", ("VAELoader", "vae_name"): "vae",
+                 ("CLIPVisionLoader", "clip_name"): "clip_vision"}
+
+
+@pytest.mark.parametrize("path", UI_WORKFLOWS, ids=lambda p: p.stem)
+def test_model_download_entries_name_the_loaded_file_in_its_folder(path):
+    """properties.models (read by the frontend's missing-models dialog): each entry is a file this
+    node loads, in the folder it loads it from, downloaded from Comfy-Org's own Hugging Face repositories."""
+    workflow = json.loads(path.read_text())
+    twin = json.loads(_api_twin(path).read_text())
+    for node in workflow["nodes"]:
+        for model in node.get("properties", {}).get("models", []):
+            assert set(model) == {"name", "url", "directory"}, model
+            inputs = twin[str(node["id"])]["inputs"]
+            loaded = {value: MODEL_FOLDERS[node["type"], key] for key, value in inputs.items() if (node["type"], key) in MODEL_FOLDERS}
+            assert loaded.get(model["name"]) == model["directory"], f"node {node['id']}: {model} is not what it loads ({loaded})"
+            assert re.fullmatch(r"https://huggingface\.co/Comfy-Org/[\w.-]+/resolve/main/([\w.-]+/)*" + re.escape(model["name"]),
+                                model["url"]), model["url"]
+
+
+def test_the_ema_workflow_merges_what_a_training_workflow_writes():
+    """Its glob names a training workflow's output folder, and the weights its note quotes are those
+    its settings give to the checkpoints the training workflows keep."""
+    from musubi.lora.ema import effective_weights, merge_decays
+
+    ema = json.loads(api_twin("post_hoc_ema_merge").read_text())
+    [merge] = [n["inputs"] for n in ema.values() if n["class_type"] == "MusubiPostHocEMAMerge"]
+    trained = {n["inputs"]["output_name"] for name in ARCHITECTURE_WORKFLOWS + ["framepack_training"] if name.endswith("_training")
+               for n in json.loads(api_twin(name).read_text()).values() if n["class_type"] == "MusubiTrainLoRA"}
+    assert merge["checkpoints"] in {f"{name}/*.safetensors" for name in trained}
+    kept = {n["inputs"]["save_last_n_checkpoints"] for name in ARCHITECTURE_WORKFLOWS + ["framepack_training"] if name.endswith("_training")
+            for n in json.loads(api_twin(name).read_text()).values() if n["class_type"] == "MusubiCheckpointSettings"}
+    assert len(kept) == 1, kept
+    mode = {"beta": {"beta": merge["beta"]}, "beta_to_beta2": {"beta": merge["beta"], "beta2": merge["beta2"]},
+            "sigma_rel": {"sigma_rel": merge["sigma_rel"]}}[merge["mode"]]
+    weights = effective_weights(merge_decays(kept.pop(), **mode))
+    assert max(weights) < 0.6 and weights[0] < 0.1, f"the merge should spread its weight over the newer checkpoints: {weights}"
+    quoted = ", ".join(f"{w:.2f}" for w in weights)
+    notes = [n["widgets_values"][0] for n in json.loads((WORKFLOWS / "post_hoc_ema_merge.json").read_text())["nodes"] if n["type"] == "Note"]
+    assert any(quoted in note for note in notes), f"the EMA note should quote the weights {quoted}"
+
+
+def test_cache_prompts_writes_the_prompts_calibrate_magcache_loads():
+    saved = sorted(n["inputs"]["filename"] + ".safetensors" for n in json.loads(api_twin("cache_prompts").read_text()).values()
+                   if n["class_type"] == "MusubiSaveTextEmbedding")
+    loaded = sorted(n["inputs"]["embedding"] for n in json.loads(api_twin("calibrate_magcache").read_text()).values()
+                    if n["class_type"] == "MusubiLoadTextEmbedding")
+    assert saved == loaded
+    [calibrate] = [n for n in json.loads(api_twin("calibrate_magcache").read_text()).values() if n["class_type"] == "MusubiCalibrateMagCache"]
+    assert calibrate["inputs"]["filename"] == "", "an empty filename names the file after the run's steps, sampler and scheduler"
+
+
+def test_inference_notes_say_how_to_sample_without_the_lora():
+    """ComfyUI validates the LoRA file whatever the strength: the notes say to train first or bypass."""
+    for name in ARCHITECTURE_WORKFLOWS:
+        if name.endswith("_inference"):
+            notes = " ".join(n["widgets_values"][0] for n in json.loads((WORKFLOWS / f"{name}.json").read_text())["nodes"]
+                             if n["type"] == "Note")
+            assert "Ctrl+B" in notes and "strength 0" not in notes, name
+
+
+@pytest.mark.comfyui
+def test_comfyui_offers_every_ui_workflow_as_a_template_with_its_thumbnail(comfy):
+    listed = comfy.get_json("/workflow_templates")[PACK_NAME]
+    assert sorted(listed) == [path.stem for path in UI_WORKFLOWS]
+    for name in listed:
+        with urllib.request.urlopen(f"{comfy.url}/api/workflow_templates/{PACK_NAME}/{name}.json", timeout=10) as answer:
+            assert "nodes" in json.loads(answer.read()), f"{name}: the frontend cannot load a template without nodes"
+        with urllib.request.urlopen(f"{comfy.url}/api/workflow_templates/{PACK_NAME}/{name}.jpg", timeout=10) as answer:
+            assert answer.read() == (WORKFLOWS / f"{name}.jpg").read_bytes()
 
 
 def test_every_architecture_has_inference_and_training_workflows():
@@ -380,7 +512,7 @@ def test_every_architecture_has_inference_and_training_workflows():
 
 
 def test_headless_graph_swaps_text_encoders_and_shrinks_sizes():
-    graph = json.loads((WORKFLOWS / "wan21_i2v_inference.api.json").read_text())
+    graph = json.loads(api_twin("wan21_i2v_inference").read_text())
     headless = headless_graph(graph, lambda arch: f"random_{arch}.safetensors")
     classes = {node["class_type"] for node in headless.values()}
     assert not classes & {"CLIPLoader", "DualCLIPLoader", "CLIPTextEncode", "CLIPVisionLoader", "CLIPVisionEncode"}
@@ -388,7 +520,7 @@ def test_headless_graph_swaps_text_encoders_and_shrinks_sizes():
     [i2v] = [node for node in headless.values() if node["class_type"] == "WanImageToVideo"]
     assert "clip_vision_output" not in i2v["inputs"] and "start_image" in i2v["inputs"]
     assert (i2v["inputs"]["width"], i2v["inputs"]["height"], i2v["inputs"]["length"]) == (64, 64, 1)
-    assert graph == json.loads((WORKFLOWS / "wan21_i2v_inference.api.json").read_text()), "the input graph was changed"
+    assert graph == json.loads(api_twin("wan21_i2v_inference").read_text()), "the input graph was changed"
 
 
 @pytest.mark.parametrize("path", UI_WORKFLOWS, ids=lambda p: p.stem)
