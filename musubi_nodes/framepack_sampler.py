@@ -30,7 +30,7 @@ from ..musubi.framepack.sampling import FramePackRun, SectionInputs, sample_vide
 from ..musubi.framepack.sampling_sections import DIRECTIONS, sections_for_duration
 from .framepack_model import FRAMEPACK_INPUTS, framepack_transformer
 from .magcache import MAGCACHE_FOLDER, magcache_folder_root
-from .paths import new_output_path
+from .paths import missing_file_message, new_output_path
 
 NODE = "FramePack Sampler"
 TEXT_WIDTH, POOLED_WIDTH, IMAGE_WIDTH = 4096, 768, 1152
@@ -141,6 +141,16 @@ class MusubiFramePackSampler(io.ComfyNode):
                 io.String.Output("report", tooltip="Sections, schedule, and what MagCache skipped or measured."),
             ],
         )
+
+    @classmethod
+    def validate_inputs(cls, magcache_ratios: str | None = None, pasted_ratios: str | None = "") -> bool | str:
+        """A calibration file missing from models/magcache is reported when the prompt is queued
+        (pasted ratios replace the pick, so then nothing is checked)."""
+        if magcache_ratios is None or pasted_ratios is None or pasted_ratios.strip():
+            return True
+        if magcache_ratios == "auto" or magcache_ratios in PUBLISHED_RATIOS:
+            return True
+        return missing_file_message(NODE, "magcache_ratios", MAGCACHE_FOLDER, magcache_ratios) or True
 
     @classmethod
     def execute(cls, model, positive, clip_vision_output, start_latent, direction: str, total_seconds: float, fps: int,

@@ -155,8 +155,13 @@ def test_missing_files_of_the_pack_pickers_are_refused_with_core_ones_when_queue
                     ratios="no_such_calibration.json", expert="auto")
     ema = g.add("MusubiPostHocEMAMerge", checkpoints="no_such_run/*.safetensors", output_name="ema/none", mode="beta",
                 beta=0.95, beta2=0.95, sigma_rel=0.2, order="modified time")
+    sampler = g.add("MusubiFramePackSampler", model=framepack[0], direction="vanilla", total_seconds=1.0, fps=30, sections=0,
+                    latent_window_size=9, steps=4, cfg=1.0, distilled_guidance=10.0, shift=0.0, seed=0, magcache="on",
+                    magcache_threshold=0.1, magcache_K=3, magcache_retention_ratio=0.2,
+                    magcache_ratios="no_such_framepack_calibration.json")
     for node in (core, fp8, framepack, text, image, patched):
         g.add("PreviewAny", source=node[0])
+    g.add("PreviewAny", source=sampler[1])
     # Found files pass: an existing text embedding and pasted ratios (which replace a missing pick).
     fine = g.add("MusubiLoadTextEmbedding", embedding=text_embedding_file(ARCH), architecture="auto")
     model = g.add("UNETLoader", unet_name=tiny_model_file(ARCH), weight_dtype="default")
@@ -172,7 +177,8 @@ def test_missing_files_of_the_pack_pickers_are_refused_with_core_ones_when_queue
                                (framepack, "no_such_framepack", "diffusion_models"),
                                (text, "no_such_prompt.safetensors", "text_embeddings"),
                                (image, "no_such_image.safetensors", "image_embeddings"),
-                               (patched, "no_such_calibration.json", "magcache")):
+                               (patched, "no_such_calibration.json", "magcache"),
+                               (sampler, "no_such_framepack_calibration.json", "magcache")):
         assert str(node) in text_of, f"node {node} has no error: {text_of}"
         assert "custom_validation_failed" in text_of[str(node)] and repr(name) in text_of[str(node)], text_of[str(node)]
         assert f"the {folder} folders (" in text_of[str(node)], text_of[str(node)]
