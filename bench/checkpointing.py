@@ -16,8 +16,6 @@ how the costs split on a real model.
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import statistics
 import sys
 import time
@@ -25,31 +23,16 @@ from pathlib import Path
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-PACK_MODULE = "musubi_pack_bench"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from comfy_inprocess import comfyui_path, import_comfyui, pack_module
 
 
 def import_pack():
     """ComfyUI's model code and this pack's adapters, imported in this process (no server)."""
-    sys.path.insert(0, str(REPO_ROOT / "tests"))
-    from comfy_server import find_comfyui
-
-    comfyui = find_comfyui()
-    if comfyui is None:
-        raise SystemExit("bench/checkpointing.py needs ComfyUI: set COMFYUI_PATH to a ComfyUI v0.3.64+ checkout.")
-    sys.path.insert(0, str(comfyui))
-    from comfy.cli_args import args
-
-    args.cpu = args.cpu or not torch.cuda.is_available()
-    if PACK_MODULE not in sys.modules:
-        spec = importlib.util.spec_from_file_location(PACK_MODULE, REPO_ROOT / "__init__.py",
-                                                      submodule_search_locations=[str(REPO_ROOT)])
-        package = importlib.util.module_from_spec(spec)
-        sys.modules[PACK_MODULE] = package
-        spec.loader.exec_module(package)
-    return (importlib.import_module(f"{PACK_MODULE}.musubi_nodes.adapters.comfy_model"),
-            importlib.import_module(f"{PACK_MODULE}.musubi_nodes.adapters.training_data"),
-            importlib.import_module(f"{PACK_MODULE}.musubi.lora.network"))
+    import_comfyui(comfyui_path("bench/checkpointing.py"))
+    return (pack_module("musubi_nodes.adapters.comfy_model"), pack_module("musubi_nodes.adapters.training_data"),
+            pack_module("musubi.lora.network"))
 
 
 def main() -> None:

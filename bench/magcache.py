@@ -45,8 +45,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import importlib
-import importlib.util
 import json
 import logging
 import math
@@ -63,7 +61,11 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CACHE_DIR = REPO_ROOT / "bench" / ".cache"
-PACK_MODULE = "musubi_lora_trainer_bench"  # the repository imported as a package, as ComfyUI does
+if str(REPO_ROOT / "bench") not in sys.path:  # also when loaded by path (tests/test_bench_magcache.py)
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+
+import comfy_inprocess
+from comfy_inprocess import CallCounter, pack_module
 
 PROMPTS = ("a red blob drifting right", "a blue bar falling", "a green blob circling", "yellow stripes scrolling")
 # The colour of each prompt's object: a video whose most vivid pixels are nearest to it follows the prompt.
@@ -266,23 +268,13 @@ def follows_prompt(rgb: torch.Tensor, prompt: int) -> bool:
 
 
 def comfyui_path() -> Path:
-    sys.path.insert(0, str(REPO_ROOT / "tests"))
-    from comfy_server import find_comfyui
-
-    path = find_comfyui()
-    if path is None:
-        raise SystemExit("bench/magcache.py needs ComfyUI: set COMFYUI_PATH to a ComfyUI v0.3.64+ checkout "
-                         "(or unpack one at ~/comfy/ComfyUI), with its requirements installed in this Python.")
-    return path
+    return comfy_inprocess.comfyui_path("bench/magcache.py")
 
 
 def import_comfyui(path: Path, magcache_folder: str) -> SimpleNamespace:
     """ComfyUI's modules and this pack's, imported in this process (the pack as a package, as
     ComfyUI imports custom nodes), with calibrations going to ``magcache_folder``."""
-    sys.path.insert(0, str(path))
-    from comfy.cli_args import args
-
-    args.cpu = args.cpu or not torch.cuda.is_available()
+    comfy_inprocess.import_comfyui(path)
     import comfy.latent_formats
     import comfy.sd
     import comfy.utils
@@ -292,21 +284,15 @@ def import_comfyui(path: Path, magcache_folder: str) -> SimpleNamespace:
 
     comfy.utils.PROGRESS_BAR_ENABLED = False
     folder_paths.folder_names_and_paths["magcache"] = ([magcache_folder], {".json"})
-    if PACK_MODULE not in sys.modules:
-        spec = importlib.util.spec_from_file_location(PACK_MODULE, REPO_ROOT / "__init__.py",
-                                                      submodule_search_locations=[str(REPO_ROOT)])
-        package = importlib.util.module_from_spec(spec)
-        sys.modules[PACK_MODULE] = package
-        spec.loader.exec_module(package)
     return SimpleNamespace(
         sd=comfy.sd,
         latent_format=comfy.latent_formats.Wan21(),
         core_nodes=nodes,
         easycache=comfy_extras.nodes_easycache,
-        magcache=importlib.import_module(f"{PACK_MODULE}.musubi_nodes.magcache"),
-        lora_merge=importlib.import_module(f"{PACK_MODULE}.musubi.lora.merge"),
-        safetensors_io=importlib.import_module(f"{PACK_MODULE}.musubi.files"),
-        text_embeddings=importlib.import_module(f"{PACK_MODULE}.musubi.data.text_embeddings"),
+        magcache=pack_module("musubi_nodes.magcache"),
+        lora_merge=pack_module("musubi.lora.merge"),
+        safetensors_io=pack_module("musubi.files"),
+        text_embeddings=pack_module("musubi.data.text_embeddings"),
     )
 
 
@@ -457,26 +443,6 @@ def untrained_checkpoint(cache_dir: Path) -> Path:
 
 
 # --- sampling and measuring (in-process) ---------------------------------------------------------
-
-
-class CallCounter:
-    """Counts the batch rows (cond or uncond evaluations) that reach the last transformer block."""
-
-    def __init__(self, model_patcher):
-        block = model_patcher.model.diffusion_model.blocks[-1]
-        self.rows = 0
-        self._handle = block.register_forward_pre_hook(self._count, with_kwargs=True)
-
-    def _count(self, module, args, kwargs):
-        hidden = args[0] if args else kwargs["x"]
-        self.rows += hidden.shape[0]
-
-    def take(self) -> int:
-        rows, self.rows = self.rows, 0
-        return rows
-
-    def remove(self) -> None:
-        self._handle.remove()
 
 
 @dataclass

@@ -13,7 +13,7 @@ each in a fresh process and alternating, ``--repeats`` times:
 
 Each process reports its peak resident memory (VmHWM) above what importing the library costs
 (VmRSS right after the imports), and its wall time for the job alone. Printed: medians with
-min–max per job, and the ratios the README quotes (peak / input size; stream time / load_save
+min–max per job, and the ratios docs/fp8.md quotes (peak / input size; stream time / load_save
 time). Run: ``python bench/quantize_memory.py [--blocks 14] [--repeats 3]``.
 """
 
