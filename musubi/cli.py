@@ -11,7 +11,7 @@ import sys
 from .errors import MusubiError
 
 COMMANDS = {
-    "ema-merge": (".lora.ema", "Merge LoRA checkpoints with a post-hoc EMA."),
+    "ema-merge": (".training.ema_selection", "Merge LoRA checkpoints with a post-hoc EMA (optionally the profile with the lowest validation loss)."),
     "timesteps": (".training.timestep_preview", "Show the training timestep distribution."),
     "quantize": (".fp8", "Quantize a DiT checkpoint to block-scaled FP8."),
     "train": (".training.cli", "Train a LoRA from a TOML config on cached latents."),

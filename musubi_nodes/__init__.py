@@ -9,7 +9,7 @@ from comfy_api.latest import ComfyExtension, io
 from .checks import refuse_non_finite_floats
 from .compile import MusubiCompileModel
 from .dataset import MusubiDataset
-from .ema_merge import MusubiPostHocEMAMerge
+from .ema_merge import MusubiEMACandidates, MusubiPostHocEMAMerge
 from .framepack_sampler import MusubiFramePackSampler
 from .framepack_train import MusubiFramePackTrainingSettings
 from .image_embeddings import MusubiLoadImageEmbedding, MusubiSaveImageEmbedding
@@ -19,6 +19,8 @@ from .magcache import MusubiCalibrateMagCache, MusubiMagCache, MusubiMagCacheSam
 from .text_embeddings import MusubiLoadTextEmbedding, MusubiSaveTextEmbedding
 from .timesteps import MusubiTimestepDistributionPreview, MusubiTimestepSettings
 from .train_lora import MusubiTrainLoRA
+from .validation_data import MusubiValidationData
+from .training_samples import MusubiTrainingSamples
 from .train_settings import MusubiCheckpointSettings, MusubiLoRANetworkSettings, MusubiOptimizerSettings
 from .train_settings import MusubiCompileSettings
 
@@ -28,9 +30,12 @@ NODES: list[type[io.ComfyNode]] = [
     MusubiLoadTextEmbedding,
     MusubiSaveTextEmbedding,
     MusubiPostHocEMAMerge,
+    MusubiEMACandidates,
     MusubiTimestepSettings,
     MusubiTimestepDistributionPreview,
     MusubiTrainLoRA,
+    MusubiValidationData,
+    MusubiTrainingSamples,
     MusubiDataset,
     MusubiLoRANetworkSettings,
     MusubiOptimizerSettings,

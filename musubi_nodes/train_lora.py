@@ -25,13 +25,17 @@ from ..musubi.training.checkpoints import plan_run
 from ..musubi.training.settings import TrainSettings
 from .timesteps import TimestepSettingsType
 from .paths import folder_inside, model_folder_root
-from .adapters import prepare_training
+from .adapters import prepare_training_with_validation
+from .validation_data import ValidationType, split_validation
 from .adapters.training_data import training_data_from_inputs
 from .framepack_train import FramePackTrainingSettings
+from .adapters.sampling import check_specs
+from .training_samples import SampleRunner, TrainingSamplesType
 from .train_settings import CheckpointSettings, CompileSettingsType, DatasetType, NetworkSettings, OptimizerSettings
 
 NODE = "Train LoRA"
 PROGRESS_EVENT = "musubi.train.progress"
+VALIDATION_EVENT = "musubi.train.validation"  # a validation loss (mean and bands) of one step
 STATUS_EVENT = "musubi.train.status"  # the run's messages (new name, resume, where Cancel stopped), for the node
 STATES_FOLDER = "musubi_training_states"  # under ComfyUI's output folder
 
@@ -79,6 +83,10 @@ class MusubiTrainLoRA(io.ComfyNode):
                 io.Combo.Input("network_weights", options=["none", *folder_paths.get_filename_list("loras")], default="none",
                                optional=True,
                                tooltip="Warm start: begin from this LoRA/LoHa/LoKr file instead of a fresh one (its type and rank must match LoRA Network Settings). A resumable state of this output_name (resume = latest) wins over it."),
+                TrainingSamplesType.Input("samples", optional=True,
+                                          tooltip="From Training Samples: prompts sampled with the LoRA as it is while training (shown live here, written to models/loras/<output_name>/samples/)."),
+                ValidationType.Input("validation", optional=True,
+                                     tooltip="From Validation Data: score the LoRA on held-back data every N steps with fixed noise (validation loss in the live chart, the loss output and TensorBoard)."),
             ],
             outputs=[
                 io.Model.Output("trained_model", display_name="model", tooltip="The input model with the trained LoRA applied."),
@@ -87,6 +95,7 @@ class MusubiTrainLoRA(io.ComfyNode):
                 io.String.Output("path", tooltip="The saved LoRA file."),
                 io.Model.Output("trained_model_high_noise", display_name="model_high_noise",
                                 tooltip="Wan 2.2 A14B: the high-noise expert with the trained LoRA applied (empty without model_high_noise)."),
+                io.Image.Output("sample_images", display_name="samples", tooltip="The newest training sample of every prompt (frames of videos in order; empty without samples)."),
             ],
         )
 
@@ -95,7 +104,7 @@ class MusubiTrainLoRA(io.ComfyNode):
                 resume, mixed_precision, gradient_checkpointing, network_settings=None, optimizer_settings=None,
                 timestep_settings=None, checkpoint_settings=None, latents=None, conditioning=None,
                 dataset=None, model_high_noise=None, timestep_boundary=0.875, framepack_settings=None,
-                compile_settings=None, network_weights="none") -> io.NodeOutput:
+                compile_settings=None, network_weights="none", samples=None, validation=None) -> io.NodeOutput:
         output_dir = lora_output_dir(output_name)
         network_options = {"network_dim": 32, "network_alpha": 16.0, **(network_settings or {})}
         settings = TrainSettings(**{
@@ -122,13 +131,18 @@ class MusubiTrainLoRA(io.ComfyNode):
         remove_leftovers(settings.state_dir)  # what a killed earlier save left there
         plan = plan_run(settings, "latest" if resume == "latest" else None, on_existing="new_name")
         settings = plan.settings
+        if validation is not None:
+            settings = dataclasses.replace(settings, validate_every_n_steps=validation["every_n_steps"] or None,
+                                           validation_timesteps=validation["num_timesteps"],
+                                           validation_bands=validation["num_bands"], validation_seed=validation["seed"])
 
         with torch.inference_mode(False), torch.enable_grad():
-            data = training_data_from_inputs(latents, conditioning, dataset)
+            data, validation_data = split_validation(validation, training_data_from_inputs(latents, conditioning, dataset), NODE)
             model = model.clone()
             if model_high_noise is not None:
                 model_high_noise = model_high_noise.clone()
-            adapter, dataset_view = prepare_training(model, data, framepack_settings, model_high_noise, timestep_boundary)
+            adapter, dataset_view, validation_view = prepare_training_with_validation(
+                model, data, validation_data, framepack_settings, model_high_noise, timestep_boundary)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)  # the LoRA's initial weights follow the seed too
                 network_type = network_options.pop("network_type", "lora")
@@ -136,16 +150,25 @@ class MusubiTrainLoRA(io.ComfyNode):
             try:
                 network_lines = network_report(network, network_type, network_weights)
                 progress = ProgressReporter(cls.hidden.unique_id, steps, plan)
-                trainer = Trainer(adapter, network, dataset_view, settings, callbacks=progress)
+                if samples:
+                    check_specs(adapter, samples, framepack_settings)  # a wrong VAE or size fails now, not at the first sample
+                    progress.samples = SampleRunner(progress, adapter, samples, settings.output_dir, settings.output_name,
+                                                    framepack_settings)
+                trainer = Trainer(adapter, network, dataset_view, settings, callbacks=progress, validation_data=validation_view)
+                if progress.samples is not None:
+                    progress.samples.trainer = trainer
                 result = trainer.train(resume_from=plan.resume_from)
                 lora = from_canonical({k: v.detach().float().cpu() for k, v in network.state_dict().items()}, "comfyui",
                                       adapter.architecture)
             finally:
                 network.remove()
-        if result.interrupted:
+        sample_lines = progress.samples.report() if progress.samples is not None else ""
+        if result.interrupted or (progress.samples is not None and progress.samples.interrupted):
             stopped = (f"Stopped at step {result.global_step} on request; resume from {result.last_state_dir}: "
                        "queue again with resume = latest to continue.")
-            report = run_report(plan, result, settings)
+            if not result.interrupted:  # Cancel while sampling after the last step: the run itself is complete
+                stopped = f"Stopped while sampling after the last step; the trained LoRA is saved: {result.final_lora_path}"
+            report = run_report(plan, result, settings) + sample_lines
             logging.warning("%s: %s%s", NODE, stopped, report.replace("\n", "\n  "))
             progress.status("stopped", stopped + report)  # the node shows it: an interrupted run has no output
             comfy.model_management.interrupt_current_processing(False)
@@ -155,21 +178,29 @@ class MusubiTrainLoRA(io.ComfyNode):
         if model_high_noise is not None:
             trained_high, _ = comfy.sd.load_lora_for_models(model_high_noise, None, lora, 1.0, 0)
         losses = {"loss": list(result.losses)}
+        if result.validation:  # core Plot Loss Graph reads "loss" only; these ride along
+            losses["validation"] = [entry["mean"] for entry in result.validation]
+            losses["validation_steps"] = [entry["step"] for entry in result.validation]
+            losses["validation_bands"] = [list(entry["bands"]) for entry in result.validation]
         summary = (f"trained steps {result.start_step + 1}–{result.global_step} of {result.total_steps}; "
                    f"final loss {result.losses[-1]:.5f}\n{result.final_lora_path}" if result.losses else
                    f"nothing left to train (resumed at step {result.global_step})\n{result.final_lora_path}")
         report = run_report(plan, result, settings)
         if report:
             logging.info("%s:%s", NODE, report.replace("\n", "\n  "))
-        progress.status("finished", summary.split("\n", 1)[0] + report)
+        progress.status("finished", summary.split("\n", 1)[0] + report
+                        + (progress.samples.report(short=True) if progress.samples is not None else "")
+                        + validation_report(result))
         if result.resumed_from and network_weights not in (None, "", "none"):
             network_lines += "\nthe resumed state's weights replaced those of the warm start"
-        summary += report + network_lines
+        summary += report + network_lines + sample_lines + validation_report(result) + time_report(progress.durations(result))
         if isinstance(adapter, ExpertPairAdapter):
             calls = adapter.calls
             summary += (f"\n{calls['high_noise']} batches on the high-noise expert, "
                         f"{calls['low_noise']} batches on the low-noise expert (boundary {adapter.expert_boundary:g})")
-        return io.NodeOutput(trained, lora, losses, result.final_lora_path or "", trained_high, ui=loss_ui(cls, result, summary, settings.output_name))
+        sampled = progress.samples.images() if progress.samples is not None else None
+        return io.NodeOutput(trained, lora, losses, result.final_lora_path or "", trained_high, sampled,
+                             ui=loss_ui(cls, result, summary, settings.output_name))
 
 
 def network_report(network, network_type: str, network_weights: str | None) -> str:
@@ -189,6 +220,25 @@ def network_report(network, network_type: str, network_weights: str | None) -> s
     for line in lines:
         logging.info("%s: %s", NODE, line)
     return "".join("\n" + line for line in lines)
+
+
+def validation_report(result) -> str:
+    """The validation loss at the first and last evaluation, and per noise-level band at the last."""
+    if not result.validation:
+        return ""
+    first, last = result.validation[0], result.validation[-1]
+    bands = ", ".join(f"{low:.2f}–{high:.2f} {value:.5f}" for value, (low, high) in zip(last["bands"], last["band_levels"]))
+    line = f"\nvalidation loss {last['mean']:.5f} at step {last['step']} on {last['items']} item(s)"
+    if first is not last:
+        line += f" (step {first['step']}: {first['mean']:.5f})"
+    return line + f"; by noise level at step {last['step']}: {bands}"
+
+
+def time_report(durations: dict[str, float]) -> str:
+    """One summary line of where the run's time went, e.g. "time: training 41.2 s, sampling 6.3 s"
+    (named durations in seconds, so other phases add a name, not a format)."""
+    parts = [f"{name} {seconds:.1f} s" for name, seconds in durations.items() if seconds or name == "training"]
+    return "\ntime: " + ", ".join(parts) if parts else ""
 
 
 def run_report(plan, result, settings) -> str:
@@ -225,7 +275,9 @@ def loss_ui(cls, result, summary: str, name: str) -> dict:
         return shown
     try:
         title = f"{name}: steps {result.start_step + 1}–{result.global_step}"
-        pixels = render_loss_curve(result.losses, 768, 384, title, first_step=result.start_step + 1)
+        validation = ([entry["step"] for entry in result.validation], [entry["mean"] for entry in result.validation])
+        pixels = render_loss_curve(result.losses, 768, 384, title, first_step=result.start_step + 1,
+                                   validation=validation if result.validation else None)
         image = torch.from_numpy(pixels).float().div(255.0).unsqueeze(0)
         return ui.PreviewImage(image, cls=cls).as_dict() | shown
     except Exception as error:  # noqa: BLE001
@@ -287,6 +339,8 @@ class ProgressReporter(TrainCallbacks):
         self.bar = comfy.utils.ProgressBar(total_steps, node_id=node_id)
         self.losses: list[float] = []
         self.cancelled = False
+        self.samples = None  # a SampleRunner when Training Samples is connected
+        self.last_step = 0
 
     def send(self, event: str, data: dict) -> None:
         if self.client_id is None:
@@ -321,6 +375,9 @@ class ProgressReporter(TrainCallbacks):
         if lines:
             self.status("started", "\n".join(lines))
         self._update_bar(start_step, total_steps)
+        self.last_step = start_step
+        if self.samples is not None:
+            self.samples.at_start(start_step)
 
     def should_stop(self) -> bool:
         self.cancelled = self.cancelled or comfy.model_management.processing_interrupted()
@@ -330,3 +387,22 @@ class ProgressReporter(TrainCallbacks):
         self.losses.append(loss)
         self._update_bar(step)
         self.send(PROGRESS_EVENT, {"step": step, "loss": loss, "lrs": lrs})
+        self.last_step = step
+        if self.samples is not None:
+            self.samples.after_step(step)
+
+    def on_checkpoint(self, path: str) -> None:
+        if self.samples is not None:
+            self.samples.at_checkpoint(self.last_step)
+
+    def durations(self, result) -> dict[str, float]:
+        """Seconds spent per phase of the run: optimizer steps, and sampling when samples are on."""
+        durations = {"training": sum(result.step_seconds)}
+        if self.samples is not None:
+            durations["sampling"] = self.samples.seconds
+        if result.validation:
+            durations["validation"] = result.validation_seconds
+        return durations
+
+    def on_validation(self, step: int, result) -> None:
+        self.send(VALIDATION_EVENT, {"step": step, **result.as_dict()})

@@ -105,6 +105,11 @@ def test_a_lora_on_tiny_wan_learns_a_fixed_target(comfy, tiny_model_file, text_e
     g, model, positive, train = _training_graph(comfy, "wan21_t2v", tiny_model_file, text_embedding_file, steps=STEPS,
                                                 output_name=folder, learning_rate=1e-2, latent_count=1,
                                                 min_timestep=500, rank=32, network_type=network_type)
+    if network_type == "lora":  # validated on the training latent: its validation loss must fall too
+        held = g.add("LoadLatent", latent=_latent_file(comfy, "wan21_t2v", 1))
+        validation = g.add("MusubiValidationData", latents=held[0], conditioning=positive[0], held_out_fraction=0.0,
+                           every_n_steps=50, num_timesteps=8, num_bands=4, seed=0)
+        g.nodes[str(train)]["inputs"]["validation"] = validation[0]
     shown = g.add("PreviewAny", source=train[2])
     latent = g.add("EmptyHunyuanLatentVideo", width=32, height=32, length=1, batch_size=1)
     for name, source in (("base", model), ("trained", train)):
@@ -116,6 +121,10 @@ def test_a_lora_on_tiny_wan_learns_a_fixed_target(comfy, tiny_model_file, text_e
     assert len(losses) == STEPS
     first, last = sum(losses[:20]) / 20, sum(losses[-20:]) / 20
     assert last < 0.8 * first, f"loss went from {first:.4f} to {last:.4f}"
+    if network_type == "lora":
+        validation = json.loads(outputs[str(shown)]["text"][0])["validation"]
+        assert json.loads(outputs[str(shown)]["text"][0])["validation_steps"] == [0, 50, 100, 150, 200]
+        assert validation[-1] < 0.8 * validation[0], validation
 
     target = safetensors.torch.load_file(comfy.input_dir / _latent_file(comfy, "wan21_t2v", 1))["latent_tensor"]
     distance = {}

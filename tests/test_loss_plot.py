@@ -6,7 +6,7 @@ import pytest
 pytest.importorskip("matplotlib")
 
 from musubi.errors import MusubiError
-from musubi.training.loss_plot import average_window, moving_average, render_loss_curve
+from musubi.training.loss_plot import average_window, moving_average, render_candidate_losses, render_loss_curve
 
 DARK = np.array([0x1F, 0x4E, 0x96])  # the colour of the main curve
 LIGHT = np.array([0x9B, 0xB7, 0xDC])  # the colour of the raw losses under a moving average
@@ -86,3 +86,14 @@ def test_empty_and_non_finite_runs_still_give_a_picture():
 def test_too_small_a_picture_is_refused_with_its_size():
     with pytest.raises(MusubiError, match="32x200"):
         render_loss_curve([1.0], 32, 200, "")
+
+
+def test_validation_losses_are_drawn_in_green_and_candidates_ring_the_pick():
+    green = (0x2C, 0xA0, 0x2C)
+    plain = render_loss_curve([1.0, 0.8, 0.6, 0.5], 600, 300, "")
+    with_validation = render_loss_curve([1.0, 0.8, 0.6, 0.5], 600, 300, "", validation=([0, 2, 4], [0.9, 0.7, 0.55]))
+    assert len(pixels_of(plain, green)) == 0
+    assert len(pixels_of(with_validation, green)) > 50
+    picture = render_candidate_losses([0.05, 0.1, 0.2], [0.5, 0.4, 0.45], best=1, parameter="sigma_rel")
+    assert picture.shape == (320, 640, 3)
+    assert len(pixels_of(picture, (0xD6, 0x27, 0x28))) > 20  # the ring around the chosen candidate

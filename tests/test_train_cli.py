@@ -269,3 +269,35 @@ def test_sigterm_requests_the_same_stop_and_never_aborts():
         assert progress.should_stop()
         os.kill(os.getpid(), signal.SIGTERM)  # a launcher's repeated SIGTERM: still the one stop, no abort
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_validation_data_dir_and_every_n_steps_from_the_command_line_and_toml(tmp_path, capsys):
+    toy_cache(tmp_path / "data", count=3)
+    generator = torch.Generator().manual_seed(4)
+    write_latent_cache_item(tmp_path / "val", "held", torch.randn(4, 4, 4, generator=generator),
+                            context=torch.randn(3, 8, generator=generator))
+    code = main(["train", "--config_file", config_file(tmp_path), "--max_train_steps", "4",
+                 "--validation_data_dir", str(tmp_path / "val"), "--validate_every_n_steps", "2"])
+    assert code == 0, capsys.readouterr().err
+    printed = re.findall(r"step (\d+)/4  validation loss ([0-9.]+) \(noise-level bands (.*)\)", capsys.readouterr().out)
+    assert [int(step) for step, _, _ in printed] == [0, 2, 4]
+    assert all(len(bands.split(", ")) == 4 for _, _, bands in printed)
+
+    # the same as TOML keys, in a second output: the same numbers (fixed noise and levels)
+    extra = f'[validation]\nvalidation_data_dir = "{(tmp_path / "val").as_posix()}"\nvalidate_every_n_steps = 2\n'
+    path = config_file(tmp_path, extra)
+    assert main(["train", "--config_file", path, "--max_train_steps", "4", "--output_dir", str(tmp_path / "out2")]) == 0
+    again = re.findall(r"step (\d+)/4  validation loss ([0-9.]+) \(noise-level bands (.*)\)", capsys.readouterr().out)
+    assert again == printed
+
+    # errors name the option and the fix
+    assert main(["train", "--config_file", config_file(tmp_path), "--validate_every_n_steps", "2",
+                 "--output_dir", str(tmp_path / "out3")]) == 2
+    assert "validate_every_n_steps is set but validation_data_dir is not" in capsys.readouterr().err
+    write_latent_cache_item(tmp_path / "wide", "other", torch.randn(8, 4, 4), context=torch.randn(3, 8))
+    assert main(["train", "--config_file", config_file(tmp_path), "--validation_data_dir", str(tmp_path / "wide"),
+                 "--output_dir", str(tmp_path / "out4")]) == 2
+    assert "validation item 0 has a latent of shape [8, 4, 4]" in capsys.readouterr().err
+    assert main(["train", "--config_file", config_file(tmp_path), "--validation_data_dir", str(tmp_path / "nowhere"),
+                 "--output_dir", str(tmp_path / "out5")]) == 2
+    assert "validation_data_dir: data_dir" in capsys.readouterr().err

@@ -48,6 +48,8 @@ Post-Hoc EMA Merge ``checkpoints``    the same glob inside ``headless_ema/``, wh
 FramePack Sampler                     1 section of 2 latent frames, 2 steps
 FramePack Training Settings           latent window 1 (the 5-frame stand-in clip is 2 latent frames:
                                       one section)
+Training Samples                      at most 64×64, 1 frame, 1 step (sampled once, with the final
+                                      LoRA: the workflows sample at every checkpoint)
 ====================================  ==========================================================
 """
 
@@ -333,6 +335,12 @@ def _one_latent_frame_window(graph, node_id, node, embedding_file):
     return {**node, "inputs": {**node["inputs"], "latent_window_size": 1}}
 
 
+def _small_training_samples(graph, node_id, node, embedding_file):
+    small = _small_size(graph, node_id, node, embedding_file)
+    small["inputs"]["steps"] = HEADLESS_SAMPLING_STEPS
+    return small
+
+
 def _one_step(graph, node_id, node, embedding_file):
     return {**node, "inputs": {**node["inputs"], "steps": HEADLESS_SAMPLING_STEPS}}
 
@@ -366,6 +374,7 @@ HEADLESS_SUBSTITUTIONS = {
     "MusubiTrainLoRA": (_cpu_training, "2 steps, no bf16 autocast (very slow on CPUs)"),
     "MusubiPostHocEMAMerge": (_headless_ema, "stand-in checkpoints under headless_ema/: the training run writes the real folder"),
     "MusubiFramePackSampler": (short_framepack_run, "decoding a 5 s video with the full-size VAE takes minutes"),
+    "MusubiTrainingSamples": (_small_training_samples, "full-size VAEs decode for seconds per frame on a CPU"),
     "MusubiFramePackTrainingSettings": (_one_latent_frame_window, "window 9 needs a 37-frame clip; the stand-in has 5 (full-size VAE on a CPU)"),
 }
 
@@ -549,6 +558,10 @@ def test_api_twin_runs_headless(comfy, stand_ins, path, text_embedding_file):
         if node["class_type"] == "MusubiTrainLoRA":
             name = node["inputs"]["output_name"]
             assert (comfy.models_dir("loras") / name / f"{name}.safetensors").is_file()
+            if "samples" in node["inputs"]:  # Training Samples: at least the final LoRA's sample was drawn
+                summary = outputs[node_id]["text"][0]  # the run may have taken a new name: its summary says where
+                folder = re.search(r"\nsamples: \d+ file\(s\) in (.+?): ", summary)
+                assert folder and list(Path(folder.group(1)).glob("*-step*-p1.*")), f"no training sample: {summary}"
 
 
 def test_frontend_extensions_are_served(comfy):

@@ -77,5 +77,30 @@ app.registerExtension({
       button.serialize = false; // a button holds no value: keep widgets_values unchanged
       return result;
     };
+    // The run's report (each checkpoint's weight; with candidates, the validation-loss table) as
+    // read-only text on the node, in a fixed-width font so the table's columns line up.
+    const executed = nodeType.prototype.onExecuted;
+    nodeType.prototype.onExecuted = function (message) {
+      const result = executed?.apply(this, arguments);
+      const text = (message?.text ?? []).join("\n");
+      if (!text) return result;
+      let widget = this.widgets?.find((w) => w.name === "candidate_report");
+      if (!widget) {
+        const area = document.createElement("textarea");
+        area.readOnly = true;
+        area.className = "musubi-ema-report";
+        area.style.cssText = "width:100%;height:100%;resize:none;font:11px/1.35 monospace;white-space:pre;" +
+          "background:var(--comfy-input-bg,#222);color:var(--input-text,#ddd);border:none;border-radius:4px;padding:4px";
+        widget = this.addDOMWidget("candidate_report", "musubi_ema_report", area, {
+          serialize: false, getValue: () => area.value, setValue: () => {}, getMinHeight: () => 150,
+        });
+        widget.serialize = false; // a report, not a value: keep widgets_values unchanged
+      }
+      widget.element.value = text;
+      const wanted = this.computeSize?.();
+      if (wanted && (this.size[1] < wanted[1] || this.size[0] < wanted[0])) this.setSize([Math.max(this.size[0], wanted[0]), Math.max(this.size[1], wanted[1])]);
+      this.setDirtyCanvas?.(true, true);
+      return result;
+    };
   },
 });

@@ -1,7 +1,12 @@
 // Train LoRA: a live loss curve inside the node, fed by the server's "musubi.train.progress"
 // events ({node, prompt_id, client_id, step, loss, lrs}, one per optimizer step), and the run's
 // messages (a new name taken, a resume, where Cancel stopped) from "musubi.train.status" events
-// ({node, prompt_id, client_id, kind, text}), shown as lines of text under the curve.
+// ({node, prompt_id, client_id, kind, text}), shown as lines of text under the curve, and the
+// newest training samples from "musubi.train.samples" events ({node, prompt_id, client_id, step,
+// images: [{filename, subfolder, type, label}]}: PNG stills, animated WebP videos), under it too.
+// With Validation Data connected, "musubi.train.validation" events ({node, prompt_id, client_id,
+// step, mean, bands, band_levels}) add the validation loss as a second line with a dot per
+// evaluation, on the same axis as the training loss and its moving average.
 //
 // The server sends both only to the client that queued the prompt, and this tab draws only
 // events of prompts it queued itself (the prompt ids that /prompt answered), each into the
@@ -16,6 +21,10 @@ import { api } from "../../scripts/api.js";
 const NODE_TYPE = "MusubiTrainLoRA";
 const PROGRESS_EVENT = "musubi.train.progress";
 const STATUS_EVENT = "musubi.train.status";
+const SAMPLES_EVENT = "musubi.train.samples";
+const VALIDATION_EVENT = "musubi.train.validation";
+const VALIDATION_COLOR = "#6fd08c";
+const SAMPLE_HEIGHT = 112; // pixels of one sample preview (the caption comes under it)
 const LOSS_COLOR = "#7f9fcc";
 const AVERAGE_COLOR = "#f0c04a";
 const FONT = "11px sans-serif";
@@ -50,7 +59,7 @@ function workflowOfPrompt(prompt) {
 }
 
 function newRun(key, prompt) {
-  const run = { prompt, steps: [], losses: [], sums: [0], lrs: {}, notes: [], noteKind: "" };
+  const run = { prompt, steps: [], losses: [], sums: [0], lrs: {}, notes: [], noteKind: "", samples: new Map(), validation: [] };
   runs.set(key, run);
   return run;
 }
@@ -66,14 +75,21 @@ function record(kind, detail, workflow) {
   if (kind === STATUS_EVENT) {
     run.notes = String(detail.text ?? "").split("\n").filter((line) => line.trim());
     run.noteKind = String(detail.kind ?? "");
+  } else if (kind === VALIDATION_EVENT) {
+    if (Number.isFinite(detail.step) && Number.isFinite(detail.mean)) {
+      run.validation = run.validation.filter((point) => point.step < detail.step); // a re-run step replaces
+      run.validation.push({ step: detail.step, mean: detail.mean });
+    }
+  } else if (kind === SAMPLES_EVENT) {
+    for (const image of detail.images ?? []) run.samples.set(image.prompt ?? image.filename, image); // newest per prompt
   } else {
     const { step, loss, lrs } = detail;
     const last = run.steps[run.steps.length - 1];
     if (step <= last) {
-      // steps going back within one prompt: start the curve again, keep the messages
-      const notes = run.notes, noteKind = run.noteKind;
+      // steps going back within one prompt: start the curve again, keep the messages and samples
+      const notes = run.notes, noteKind = run.noteKind, samples = run.samples;
       run = newRun(key, detail.prompt_id);
-      Object.assign(run, { notes, noteKind });
+      Object.assign(run, { notes, noteKind, samples });
     }
     const value = Number.isFinite(loss) ? loss : NaN;
     run.steps.push(step);
@@ -196,7 +212,8 @@ function draw(canvas, run) {
   const smoothing = averageWindow(count);
   const lastStep = run.steps[count - 1];
   let low = Infinity, high = -Infinity;
-  for (const value of run.losses) {
+  const validation = run.validation ?? [];
+  for (const value of [...run.losses, ...validation.map((point) => point.mean)]) {
     if (value < low) low = value;
     if (value > high) high = value;
   }
@@ -204,13 +221,15 @@ function draw(canvas, run) {
   const lastAverage = average(run, count - 1, smoothing);
   const stats = [`step ${lastStep}`, `loss ${formatNumber(run.losses[count - 1])}`];
   if (smoothing > 1) stats.push(`avg${smoothing} ${formatNumber(lastAverage)}`);
+  if (validation.length) stats.push(`val ${formatNumber(validation[validation.length - 1].mean)}`);
   const header = layoutHeader((text) => ctx.measureText(text).width, width - 14, {
     stats, range: `${formatNumber(high)} … ${formatNumber(low)}`, lr: formatRates(run.lrs),
   });
 
   const span = high - low || Math.abs(high) || 1;
-  const top = 6 + header.rows * ROW, bottom = height - 6, left = 6, right = width - 6;
-  const firstStep = run.steps[0];
+  const keyRow = validation.length ? ROW : 0; // a row under the curve for the key of the lines
+  const top = 6 + header.rows * ROW, bottom = height - 6 - keyRow, left = 6, right = width - 6;
+  const firstStep = Math.min(run.steps[0], validation.length ? validation[0].step : Infinity);
   const x = (step) => left + ((step - firstStep) / Math.max(1, lastStep - firstStep)) * (right - left);
   const y = (loss) => bottom - ((loss - low) / span) * Math.max(1, bottom - top);
   const stride = Math.max(1, Math.floor(count / (right - left))); // about one point per pixel
@@ -233,7 +252,29 @@ function draw(canvas, run) {
   if (smoothing > 1) line((i) => average(run, i, smoothing), AVERAGE_COLOR, 2);
   if (count === 1 && Number.isFinite(run.losses[0])) {
     ctx.fillStyle = LOSS_COLOR;
-    ctx.fillRect(x(firstStep) - 2, y(run.losses[0]) - 2, 4, 4);
+    ctx.fillRect(x(run.steps[0]) - 2, y(run.losses[0]) - 2, 4, 4);
+  }
+  if (validation.length) {
+    // the validation loss: a line through its evaluations, a dot at each, and a key in the corner
+    ctx.strokeStyle = ctx.fillStyle = VALIDATION_COLOR;
+    ctx.lineWidth = 2;
+    ctx.beginPath();
+    validation.forEach((point, i) => (i ? ctx.lineTo : ctx.moveTo).call(ctx, x(point.step), y(point.mean)));
+    ctx.stroke();
+    for (const point of validation) {
+      ctx.beginPath();
+      ctx.arc(x(point.step), y(point.mean), 3, 0, 2 * Math.PI);
+      ctx.fill();
+    }
+    const keys = [["loss", LOSS_COLOR], ...(smoothing > 1 ? [[`avg${smoothing}`, AVERAGE_COLOR]] : []), ["validation", VALIDATION_COLOR]];
+    ctx.textAlign = "right";
+    let end = right;
+    for (const [text, color] of keys.reverse()) {
+      ctx.fillStyle = color;
+      ctx.fillText(text, end, height - 5);
+      end -= ctx.measureText(text).width + 10;
+    }
+    ctx.textAlign = "left";
   }
 
   for (const label of header.labels) {
@@ -255,11 +296,39 @@ function showNotes(element, run) {
   return true;
 }
 
+// The newest sample of every prompt, each with its step under it; returns whether anything changed.
+function showSamples(element, run) {
+  const images = [...(run?.samples?.values() ?? [])];
+  const wanted = images.map((image) =>
+    api.apiURL(`/view?${new URLSearchParams({ filename: image.filename, subfolder: image.subfolder ?? "", type: image.type ?? "temp" })}`));
+  if (element.dataset.shown === wanted.join("\n")) return false;
+  element.dataset.shown = wanted.join("\n");
+  element.replaceChildren(...images.map((image, index) => {
+    const figure = document.createElement("figure");
+    figure.className = "musubi-train-sample";
+    figure.style.cssText = "margin:0;display:flex;flex-direction:column;align-items:center;min-width:0";
+    const picture = document.createElement("img");
+    picture.src = wanted[index];
+    picture.alt = image.label ?? "";
+    picture.title = image.label ?? "";
+    picture.style.cssText = `height:${SAMPLE_HEIGHT}px;max-width:100%;object-fit:contain;border-radius:3px;background:#111`;
+    const caption = document.createElement("figcaption");
+    caption.textContent = image.label ?? `step ${image.step}`;
+    caption.style.cssText = "font:11px sans-serif;color:#bbb;white-space:nowrap";
+    figure.append(picture, caption);
+    return figure;
+  }));
+  element.style.display = images.length ? "flex" : "none";
+  return true;
+}
+
 app.registerExtension({
   name: "musubi.TrainLossCurve",
   setup() {
     api.addEventListener(PROGRESS_EVENT, (event) => onServerEvent(PROGRESS_EVENT, event?.detail));
     api.addEventListener(STATUS_EVENT, (event) => onServerEvent(STATUS_EVENT, event?.detail));
+    api.addEventListener(SAMPLES_EVENT, (event) => onServerEvent(SAMPLES_EVENT, event?.detail));
+    api.addEventListener(VALIDATION_EVENT, (event) => onServerEvent(VALIDATION_EVENT, event?.detail));
     // The prompt ids this tab queued, from /prompt's answers, with the workflow each came from.
     const queuePrompt = api.queuePrompt;
     api.queuePrompt = async function (number, data, ...rest) {
@@ -296,10 +365,14 @@ app.registerExtension({
       notes.style.cssText =
         "display:none;flex:0 0 auto;max-height:6.2em;overflow:auto;font:11px/1.35 sans-serif;" +
         "white-space:pre-wrap;overflow-wrap:anywhere;user-select:text;padding:0 4px";
-      box.append(canvas, notes);
+      const gallery = document.createElement("div");
+      gallery.className = "musubi-train-samples";
+      gallery.style.cssText = "display:none;flex:0 0 auto;flex-wrap:wrap;gap:4px;justify-content:center;overflow:hidden";
+      box.append(canvas, gallery, notes);
       const widget = this.addDOMWidget("loss_curve", "musubi_loss_curve", box, {
         serialize: false,
-        getMinHeight: () => 120 + (notes.style.display === "none" ? 0 : Math.min(notes.scrollHeight, 84) + 3),
+        getMinHeight: () => 120 + (notes.style.display === "none" ? 0 : Math.min(notes.scrollHeight, 84) + 3) +
+          (gallery.style.display === "none" ? 0 : Math.max(gallery.scrollHeight, SAMPLE_HEIGHT + 16) + 3),
       });
       widget.serialize = false; // a picture, not a value: keep widgets_values unchanged
       let pending = false;
@@ -314,7 +387,8 @@ app.registerExtension({
           requestAnimationFrame(() => {
             pending = false;
             const run = runs.get(chartKey(chart));
-            if (showNotes(notes, run)) {
+            const samplesChanged = showSamples(gallery, run);
+            if (showNotes(notes, run) || samplesChanged) {
               // messages came or went: let the node grow so the curve keeps its room
               const wanted = node.computeSize?.()[1];
               if (wanted && node.size[1] < wanted) node.setSize([node.size[0], wanted]);

@@ -207,18 +207,10 @@ def post_hoc_ema_merge(paths: Sequence[str | os.PathLike], output_file: str | os
     """
     paths = [os.fspath(path) for path in paths]
     output_file = os.fspath(output_file)
-    if not paths:
-        raise MusubiError("no checkpoints given: pass at least two LoRA files saved during training.")
-    if len(paths) < 2:
-        raise MusubiError(f"need at least two checkpoints to merge, got only {paths[0]}.")
-    decays = merge_decays(len(paths), beta, beta2, sigma_rel)
+    _check_paths(paths)
+    merge_decays(len(paths), beta, beta2, sigma_rel)
     _check_output_file(output_file, paths, overwrite)
-
-    headers = {path: files.read_header(path) for path in paths}
-    ordered = list(paths) if no_sort else sorted(paths, key=os.path.getmtime)
-    _check_compatible(ordered, headers)
-
-    merged = _merge(ordered, decays, headers)
+    ordered, decays, merged, headers = merge_in_memory(paths, beta, beta2, sigma_rel, no_sort)
     weights = effective_weights(decays)
     metadata = dict(headers[ordered[-1]][1])
     metadata.update(extra_metadata or {})
@@ -226,6 +218,26 @@ def post_hoc_ema_merge(paths: Sequence[str | os.PathLike], output_file: str | os
     metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = files.model_hashes(merged, metadata)
     files.atomic_save_file(merged, output_file, metadata)
     return EMAMergeResult(output_file, ordered, decays, weights, metadata)
+
+
+def merge_in_memory(paths: Sequence[str | os.PathLike], beta: float = 0.95, beta2: float | None = None,
+                    sigma_rel: float | None = None, no_sort: bool = False):
+    """``(files oldest first, decays, merged tensors, headers)`` without writing anything: what
+    :func:`post_hoc_ema_merge` writes, for scoring several profiles before choosing one."""
+    paths = [os.fspath(path) for path in paths]
+    _check_paths(paths)
+    decays = merge_decays(len(paths), beta, beta2, sigma_rel)
+    headers = {path: files.read_header(path) for path in paths}
+    ordered = list(paths) if no_sort else sorted(paths, key=os.path.getmtime)
+    _check_compatible(ordered, headers)
+    return ordered, decays, _merge(ordered, decays, headers), headers
+
+
+def _check_paths(paths: Sequence[str]) -> None:
+    if not paths:
+        raise MusubiError("no checkpoints given: pass at least two LoRA files saved during training.")
+    if len(paths) < 2:
+        raise MusubiError(f"need at least two checkpoints to merge, got only {paths[0]}.")
 
 
 def _check_output_file(output_file: str, inputs: Sequence[str], overwrite: bool) -> None:

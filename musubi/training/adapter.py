@@ -85,7 +85,7 @@ def check_adapter(adapter: Any, source: str = "the adapter") -> Any:
     return adapter
 
 
-def load_adapter(spec: str, data: Any = None, **options: Any) -> ModelAdapter:
+def load_adapter(spec: str, data: Any = None, validation_data: Any = None, **options: Any) -> ModelAdapter:
     """The adapter named by ``spec``: a built-in model name (:data:`.models.BUILTIN_MODELS`: ``"toy"``,
     ``"framepack"``, ``"comfyui"`` …) or an import path ``"package.module:factory"``.
 
@@ -93,7 +93,9 @@ def load_adapter(spec: str, data: Any = None, **options: Any) -> ModelAdapter:
     (options that are None are left out, so a factory's own defaults apply), and the training
     data as ``data`` when it has a parameter of that name. An adapter that prepared its own view
     of the data (ComfyUI's models read each item's conditioning from its caches) offers it as
-    ``training_dataset``; the trainer then trains on that view.
+    ``training_dataset``; the trainer then trains on that view. Validation data goes to a factory
+    with a ``validation_data`` parameter (which offers its view as ``validation_dataset``); others
+    score it as it is.
     """
     if not isinstance(spec, str) or not spec.strip():
         raise MusubiError(f"model: name the model: {', '.join(BUILTIN_MODELS)}, or an adapter factory 'package.module:factory'.")
@@ -106,6 +108,8 @@ def load_adapter(spec: str, data: Any = None, **options: Any) -> ModelAdapter:
         options[key] = value
     if data is not None and _takes(factory, "data"):
         options["data"] = data
+    if validation_data is not None and _takes(factory, "validation_data"):
+        options["validation_data"] = validation_data
     return check_adapter(_call_factory(factory, options, source), source)
 
 

@@ -113,8 +113,16 @@ def train_from_config(config: TrainConfig, callbacks: TrainCallbacks | None = No
     plan = plan_run(config.settings, config.resume, on_existing="refuse")
     settings = config.settings
     dataset = open_training_data(config.data_dir, config.dataset_config, config.num_repeats, settings.batch_size)
-    adapter = load_adapter(config.model, data=dataset, **adapter_options(config))
+    validation = None
+    if config.validation_data_dir:
+        try:
+            validation = open_training_data(config.validation_data_dir, None, 1, settings.batch_size)
+        except MusubiError as error:
+            raise MusubiError(f"validation_data_dir: {error}") from error
+    adapter = load_adapter(config.model, data=dataset, validation_data=validation, **adapter_options(config))
     dataset = getattr(adapter, "training_dataset", None) or dataset
+    if validation is not None:  # an adapter that reads conditioning from its own view offers one for validation too
+        validation = getattr(adapter, "validation_dataset", None) or validation
     report = getattr(callbacks, "on_prepared", None)
     if callable(report):
         report(getattr(adapter, "summary", None), dataset)
@@ -132,7 +140,7 @@ def train_from_config(config: TrainConfig, callbacks: TrainCallbacks | None = No
         report = network.warm_start(config.network_weights)
         _tell(callbacks, f"warm start from {config.network_weights}: {len(report.loaded_modules)} layers loaded"
                          + "".join(f"; {note}" for note in report.notes))
-    trainer = Trainer(adapter, network, dataset, settings, callbacks)
+    trainer = Trainer(adapter, network, dataset, settings, callbacks, validation_data=validation)
     return trainer.train(resume_from=plan.resume_from)
 
 
@@ -228,6 +236,9 @@ class ConsoleProgress(TrainCallbacks):
 
     def on_checkpoint(self, path: str) -> None:
         print(f"saved {path}", flush=True)
+
+    def on_validation(self, step: int, result) -> None:
+        print(f"step {step}/{self.total}  {result.describe()}", flush=True)
 
 
 class _stop_on_ctrl_c:

@@ -80,6 +80,7 @@ class TrainConfig:
     fp8_scaled: bool = False
     dataset_config: str | None = None
     num_repeats: int = 1
+    validation_data_dir: str | None = None
     model_args: dict = dataclasses.field(default_factory=dict)
     network_dim: int | None = None
     network_alpha: float = 1.0
@@ -109,6 +110,9 @@ _BUILD_OPTIONS = (
     ConfigOption("dataset_config", "optional str", None,
                  "musubi-tuner's dataset TOML: trains on each dataset's cache_directory with its num_repeats", group="data"),
     ConfigOption("num_repeats", "int", 1, "how often each item of data_dir appears per epoch", group="data"),
+    ConfigOption("validation_data_dir", "optional str", None,
+                 "cache folder of validation data (same layout and model as data_dir), scored with fixed noise before the "
+                 "first step, every validate_every_n_steps and after the last step", group="data"),
     ConfigOption("network_dim", "optional int", None, "LoRA rank (default 4)", group="network"),
     ConfigOption("network_alpha", "float", 1.0, "LoRA alpha (scale = alpha / rank)", group="network"),
     ConfigOption("network_dropout", "optional float", None, "dropout on the LoRA's inner features", group="network"),
@@ -229,6 +233,9 @@ def resolve_config(file_values: Mapping[str, Any], overrides: Mapping[str, Any],
                           "dataset TOML, read through its cache_directory entries).")
     if values["data_dir"] and values["dataset_config"]:
         raise MusubiError("data_dir and dataset_config are both set; give one of them.")
+    if settings.validate_every_n_steps and not values["validation_data_dir"]:
+        raise MusubiError("validate_every_n_steps is set but validation_data_dir is not; give the validation cache folder "
+                          "(validation_data_dir) or leave validate_every_n_steps out.")
     if values["num_repeats"] < 1:
         raise MusubiError(f"num_repeats must be at least 1, got {values['num_repeats']}.")
     if values["timestep_boundary"] is not None and not values["dit_high_noise"]:
@@ -238,6 +245,7 @@ def resolve_config(file_values: Mapping[str, Any], overrides: Mapping[str, Any],
         model=values["model"], data_dir=values["data_dir"], settings=settings, dit=values["dit"],
         dit_high_noise=values["dit_high_noise"], timestep_boundary=values["timestep_boundary"],
         fp8_scaled=values["fp8_scaled"], dataset_config=values["dataset_config"], num_repeats=values["num_repeats"],
+        validation_data_dir=values["validation_data_dir"],
         model_args=dict(values["model_args"]), network_dim=values["network_dim"], network_alpha=values["network_alpha"],
         network_dropout=values["network_dropout"], network_args=values["network_args"],
         network_weights=values["network_weights"], network_type=_network_type(values), resume=values["resume"],

@@ -26,6 +26,7 @@ number of them.
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -72,7 +73,9 @@ from .checkpoints import (
 )
 from .settings import DEFAULT_TRACKER_NAME, TrainSettings, plain_value
 from .optimizers import build_optimizer, eval_mode, group_learning_rates, is_schedule_free, set_train_mode
+from .samples import preserved_random_state
 from .timesteps import apply_loss_weights, loss_weights, sample_noise_levels, stratified_uniforms
+from .validation import ValidationSet
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +103,8 @@ class TrainResult:
     resume_changes: list[str] = field(default_factory=list)  # "name old → new" of what differs from that state
     step_seconds: list[float] = field(default_factory=list)  # wall time of each optimizer step (saving excluded)
     sync_seconds: list[float] = field(default_factory=list)  # of that, time in collective calls (several processes)
+    validation: list[dict] = field(default_factory=list)  # ValidationResult.as_dict() of each evaluation, in order
+    validation_seconds: float = 0.0  # wall time of those evaluations (not part of step_seconds)
 
     @property
     def last_state_dir(self) -> str | None:
@@ -125,6 +130,9 @@ class TrainCallbacks:
     def on_checkpoint(self, path: str) -> None:
         """After a LoRA file (a checkpoint or the final LoRA) was written."""
 
+    def on_validation(self, step: int, result) -> None:
+        """After the validation data was scored with the LoRA of step ``step`` (a ValidationResult)."""
+
 
 @dataclass
 class _Progress:
@@ -139,7 +147,8 @@ class _Progress:
 class Trainer:
     """Trains ``network`` (a LoRA attached to ``adapter.lora_root()``) on ``dataset``."""
 
-    def __init__(self, adapter, network, dataset, settings: TrainSettings, callbacks: TrainCallbacks | None = None):
+    def __init__(self, adapter, network, dataset, settings: TrainSettings, callbacks: TrainCallbacks | None = None,
+                 validation_data=None):
         self.adapter = check_adapter(adapter)
         self.network = network
         self.dataset = dataset
@@ -160,6 +169,14 @@ class Trainer:
                 "loraplus_lr_ratio is 0: the lora_up weights would get learning rate 0 and stay at zero, so the LoRA "
                 "would never change; leave it unset (no LoRA+) or use e.g. 4 to 16."
             )
+        self.validation = None
+        if validation_data is not None:  # scored with its own fixed plan; never touches what training draws
+            self.validation = ValidationSet(validation_data, self.settings.validation_timesteps,
+                                            self.settings.validation_bands, self.settings.validation_seed)
+            self.validation.check_matches(dataset, adapter.architecture)
+        elif self.settings.validate_every_n_steps:
+            raise MusubiError("validate_every_n_steps is set but there is no validation data; give validation data "
+                              "(validation_data_dir, or Validation Data in ComfyUI) or unset it.")
         twin_roots = getattr(adapter, "twin_lora_roots", None)
         for root in twin_roots() if callable(twin_roots) else []:
             network.attach_twin(root)  # e.g. Wan 2.2 A14B: one LoRA shared by both experts
@@ -249,6 +266,8 @@ class Trainer:
         if accelerator.is_main_process:
             _init_trackers(accelerator, settings, self._hyperparameters())
             _call(self.callbacks, "on_start", progress.global_step, total_steps)
+        if self.validation is not None and progress.global_step == 0:
+            self._validate(0, result)  # the baseline the trained LoRA is measured against
 
         trainable = [param for param in network.parameters() if param.requires_grad]
         histogram: list[torch.Tensor] = []
@@ -291,6 +310,9 @@ class Trainer:
             result.losses.append(step_loss)
             recent_losses.append(step_loss)
             self._log_step(step, step_loss, recent_losses, lrs, histogram)
+            every = settings.validate_every_n_steps
+            if self.validation is not None and (step == total_steps or (every and step % every == 0)):
+                self._validate(step, result)
 
             periodic = bool(settings.save_every_n_steps and step % settings.save_every_n_steps == 0)
             periodic |= bool(epoch_done and settings.save_every_n_epochs and progress.epoch % settings.save_every_n_epochs == 0)
@@ -342,6 +364,23 @@ class Trainer:
         if not math.isfinite(loss_value):
             self._raise_not_finite(step, "loss")
         return loss, loss_value, noise_levels
+
+    def _validate(self, step: int, result: TrainResult) -> None:
+        """Score the validation data with the LoRA as it is after ``step`` (main process; the others wait)."""
+        accelerator = self.accelerator
+        if accelerator.is_main_process:
+            with self.evaluating():
+                scored = self.validation.evaluate(self.adapter, self.settings.timesteps, step, self.settings.batch_size,
+                                                  accelerator.device, accelerator.autocast)
+            result.validation.append(scored.as_dict())
+            result.validation_seconds += scored.seconds
+            if accelerator.trackers:
+                logs = {"validation/mean": scored.mean}
+                logs.update({f"validation/band_{number}": value for number, value in enumerate(scored.bands, 1)})
+                accelerator.log(logs, step=step)
+            _call(self.callbacks, "on_validation", step, scored)
+        if accelerator.num_processes > 1:
+            accelerator.wait_for_everyone()
 
     def _latent_hw(self, index: int, latents: torch.Tensor | None) -> tuple[int, int]:
         """The batch's latent height and width (the resolution-dependent shifts use them), from the
@@ -511,6 +550,27 @@ class Trainer:
             result.final_lora_path = final
             _call(self.callbacks, "on_checkpoint", final)
         self.accelerator.wait_for_everyone()
+
+    @contextlib.contextmanager
+    def evaluating(self):
+        """The LoRA as a saved file would hold it now, for a callback that evaluates it (samples):
+        network in eval mode (no dropout), schedule-free averaged weights, no autograd, and
+        afterwards the training weights, modes and every random stream exactly as they were."""
+        was_training = self.network.training
+        saved = None
+        if is_schedule_free(self.optimizer):
+            saved = {key: value.detach().clone() for key, value in self.network.state_dict().items()}
+        switch = eval_mode(self.optimizer) if saved is not None else contextlib.nullcontext()
+        try:
+            with preserved_random_state(), torch.no_grad(), switch:
+                self.network.eval()
+                yield self.network
+        finally:
+            self.network.train(was_training)
+            if saved is not None:
+                with torch.no_grad():
+                    for key, value in self.network.state_dict(keep_vars=True).items():
+                        value.copy_(saved[key])
 
     def _write_lora(self, path: str, step: int, epoch: int) -> None:
         """The LoRA as inference sees it: schedule-free optimizers switch to their averaged weights

@@ -19,6 +19,7 @@ MIN_SIZE = 64
 _DPI = 100
 _LOSS_COLOR = "#9bb7dc"
 _AVERAGE_COLOR = "#1f4e96"
+_VALIDATION_COLOR = "#2ca02c"
 
 
 def moving_average(values: Sequence[float], window: int) -> np.ndarray:
@@ -43,10 +44,11 @@ def average_window(count: int) -> int:
 
 
 def render_loss_curve(losses: Sequence[float], width: int = 768, height: int = 384, title: str = "Training loss",
-                      first_step: int = 1) -> np.ndarray:
+                      first_step: int = 1, validation: tuple[Sequence[int], Sequence[float]] | None = None) -> np.ndarray:
     """Loss per step and, from 20 steps on, its moving average, as RGB uint8 ``[height, width, 3]``.
 
     ``first_step`` numbers the first loss, so a resumed run keeps its real step numbers.
+    ``validation``: (steps, losses) of the run's validation, drawn as a green line with dots.
     Non-finite losses leave a gap instead of breaking the axis scale.
     """
     width, height = int(width), int(height)
@@ -76,11 +78,15 @@ def render_loss_curve(losses: Sequence[float], width: int = 768, height: int = 3
         window = average_window(finite.size)
         marker = "o" if values.size <= 30 else None
         if window == 1:  # too few steps to smooth: the losses themselves, drawn strong
-            axes.plot(steps, values, color=_AVERAGE_COLOR, linewidth=1.6, marker=marker, markersize=3)
+            axes.plot(steps, values, color=_AVERAGE_COLOR, linewidth=1.6, marker=marker, markersize=3, label="loss")
         else:
             axes.plot(steps, values, color=_LOSS_COLOR, linewidth=1.0, marker=marker, markersize=3, label="loss")
             axes.plot(steps, moving_average(values, window), color=_AVERAGE_COLOR, linewidth=1.8,
                       label=f"average of {window} steps")
+            axes.legend(loc="upper right", frameon=False, fontsize=8)
+        if validation is not None and len(validation[0]):
+            axes.plot(list(validation[0]), list(validation[1]), color=_VALIDATION_COLOR, linewidth=1.6, marker="o",
+                      markersize=4, label="validation")
             axes.legend(loc="upper right", frameon=False, fontsize=8)
         if steps.size == 1:  # one point: give the axes some room instead of a zero-width range
             axes.set_xlim(steps[0] - 1, steps[0] + 1)
@@ -105,3 +111,45 @@ def render_loss_curve(losses: Sequence[float], width: int = 768, height: int = 3
 
 def _short(value: float) -> str:
     return f"{value:.4g}" if math.isfinite(value) else str(value)
+
+
+def render_candidate_losses(values: Sequence[float], losses: Sequence[float], best: int, parameter: str = "beta",
+                            width: int = 640, height: int = 320, title: str = "Validation loss per EMA candidate") -> np.ndarray:
+    """Validation loss against each candidate's parameter (post-hoc EMA's beta or sigma_rel), the
+    chosen one ringed, as RGB uint8 ``[height, width, 3]``."""
+    width, height = int(width), int(height)
+    if width < MIN_SIZE or height < MIN_SIZE:
+        raise MusubiError(f"plot size must be at least {MIN_SIZE}x{MIN_SIZE} pixels, got {width}x{height}.")
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as error:
+        raise MusubiError("drawing the candidate plot needs matplotlib; install it with: pip install matplotlib") from error
+    order = np.argsort(np.asarray(values, dtype=np.float64), kind="stable")
+    xs = np.asarray(values, dtype=np.float64)[order]
+    ys = np.asarray(losses, dtype=np.float64)[order]
+    figure = Figure(figsize=((width + 0.5) / _DPI, (height + 0.5) / _DPI), dpi=_DPI, facecolor="white")
+    canvas = FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    axes.plot(xs, ys, color=_AVERAGE_COLOR, linewidth=1.6, marker="o", markersize=4)
+    axes.plot([values[best]], [losses[best]], linestyle="none", marker="o", markersize=11, markerfacecolor="none",
+              markeredgecolor="#d62728", markeredgewidth=2, label=f"chosen: {parameter} {values[best]:g}")
+    for x, y in zip(xs, ys):
+        axes.annotate(_short(float(y)), (x, y), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=7, color="#444444")
+    if xs.size == 1:
+        axes.set_xlim(xs[0] - 0.05, xs[0] + 0.05)
+    axes.set_xlabel(parameter)
+    axes.set_ylabel("validation loss")
+    axes.legend(loc="best", frameon=False, fontsize=8)
+    axes.grid(True, color="#e6e6e6", linewidth=0.8)
+    axes.set_axisbelow(True)
+    for side in ("top", "right"):
+        axes.spines[side].set_visible(False)
+    if title:
+        axes.set_title(title, fontsize=10, loc="left")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        figure.tight_layout()
+    canvas.draw()
+    pixels = np.asarray(canvas.buffer_rgba())[..., :3]
+    return np.ascontiguousarray(pixels[:height, :width])

@@ -140,6 +140,10 @@ class TrainSettings:
     metadata_description: str | None = _option(None, "optional str", "modelspec.description", affects_result=False)
     metadata_license: str | None = _option(None, "optional str", "modelspec.license", affects_result=False)
     metadata_tags: str | None = _option(None, "optional str", "modelspec.tags", affects_result=False)
+    validate_every_n_steps: int | None = _option(None, "optional int", "with validation data: its loss every N steps (and before the first and after the last step; unset: only those two)", affects_result=False)
+    validation_timesteps: int = _option(8, "int", "noise levels per validation item: fixed quantiles of the timestep schedule", affects_result=False)
+    validation_bands: int = _option(4, "int", "report the validation loss per this many bands of those noise levels (lowest noise first)", affects_result=False)
+    validation_seed: int = _option(0, "int", "seed of the validation noise (fixed, independent of seed, so runs compare)", affects_result=False)
     dynamo_backend: str = _option("NO", "str", BACKEND_HELP, affects_result=False)
     dynamo_mode: str | None = _option(None, "optional str", MODE_HELP, choices=MODES, affects_result=False)
     dynamo_fullgraph: bool = _option(False, "bool", FULLGRAPH_HELP, affects_result=False)
@@ -171,10 +175,14 @@ class TrainSettings:
         for name in ("max_train_steps", "batch_size", "gradient_accumulation_steps"):
             if getattr(self, name) < 1:
                 raise MusubiError(f"{name} must be at least 1, got {getattr(self, name)}.")
-        for name in ("max_train_epochs", "save_every_n_steps", "save_every_n_epochs", "save_last_n_checkpoints"):
+        for name in ("max_train_epochs", "save_every_n_steps", "save_every_n_epochs", "save_last_n_checkpoints",
+                     "validate_every_n_steps"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise MusubiError(f"{name} must be at least 1 (or unset), got {value}.")
+        if self.validation_timesteps < 1 or not 1 <= self.validation_bands <= self.validation_timesteps or self.validation_seed < 0:
+            raise MusubiError(f"validation_timesteps must be ≥ 1 and validation_bands between 1 and validation_timesteps "
+                              f"(seed ≥ 0), got {self.validation_timesteps}, {self.validation_bands} (seed {self.validation_seed}).")
         if self.log_with in ("tensorboard", "all") and not self.logging_dir:
             raise MusubiError(f"log_with {self.log_with!r} writes TensorBoard logs: set logging_dir too.")
         return self

@@ -14,7 +14,7 @@ from ...musubi.training.expert_pair import ExpertPairAdapter
 from ..framepack_model import framepack_transformer
 from .comfy_model import ComfyModelAdapter
 from .framepack import ComfyFramePackAdapter
-from .training_data import TrainingData, TrainingItems
+from .training_data import JoinedData, TrainingData, TrainingItems
 
 NODE = "Train LoRA"
 
@@ -36,3 +36,21 @@ def prepare_training(model, data: TrainingData, framepack_settings: dict | None 
         if model_high_noise is not None:
             adapter = ExpertPairAdapter(adapter, ComfyModelAdapter.prepare(model_high_noise, data), timestep_boundary)
     return adapter, TrainingItems(data, model.model.process_latent_in, adapter.architecture)
+
+
+def prepare_training_with_validation(model, data: TrainingData, validation: TrainingData | None,
+                                     framepack_settings: dict | None = None, model_high_noise=None,
+                                     timestep_boundary: float = 0.875):
+    """``(adapter, training items, validation items or None)``: one adapter reads both, training
+    items first, so the training view is the one :func:`prepare_training` would give."""
+    if validation is None:
+        return (*prepare_training(model, data, framepack_settings, model_high_noise, timestep_boundary), None)
+    if framepack_transformer(model) is not None:
+        raise MusubiError(f"{NODE}: validation data is not supported for FramePack models yet (they train by sections); "
+                          "disconnect the validation input.")
+    joined = JoinedData(data, validation)
+    adapter, _ = prepare_training(model, joined, framepack_settings, model_high_noise, timestep_boundary)
+    process_in = model.model.process_latent_in
+    training = TrainingItems(joined, process_in, adapter.architecture, range(len(data)))
+    held = TrainingItems(joined, process_in, adapter.architecture, range(len(data), len(joined)))
+    return adapter, training, held

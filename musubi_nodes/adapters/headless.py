@@ -22,9 +22,10 @@ from ...musubi.architectures import COMFYUI_NATIVE, detect_architecture, family
 from ...musubi.errors import MusubiError
 from ...musubi.fp8 import FP8_FORMATS, is_scaled_fp8_state_dict
 from ...musubi.training.expert_pair import DEFAULT_BOUNDARIES
+from ...musubi.training.validation import ValidationSet
 from ..dataset import ComfyTrainingData
 from ..load_dit_fp8 import load_scaled_model, memory_summary, scaled_state_dict
-from . import prepare_training
+from . import prepare_training_with_validation
 from .comfy_model import architecture_of
 
 WHERE = "model 'comfyui'"
@@ -37,7 +38,7 @@ WEIGHT_DTYPES = {
 
 def from_checkpoint(dit: str | None = None, data=None, dit_high_noise: str | None = None,
                     timestep_boundary: float | None = None, fp8_scaled: bool = False, architecture: str = "auto",
-                    weight_dtype: str = "default", fp8_format: str = "e4m3fn"):
+                    weight_dtype: str = "default", fp8_format: str = "e4m3fn", validation_data=None):
     """The model adapter for ``dit`` (a ComfyUI-loadable single-file checkpoint) trained on ``data``
     (a cache folder dataset in musubi-tuner's layout), with its ``training_dataset``.
 
@@ -45,6 +46,7 @@ def from_checkpoint(dit: str | None = None, data=None, dit_high_noise: str | Non
     ``timestep_boundary`` (default 0.875, or 0.9 for image-to-video experts). ``architecture``:
     ``auto`` (from the file) or the family the file must be. ``weight_dtype``: the frozen weights'
     dtype (default: what ComfyUI picks for the device); with ``fp8_scaled``, the compute dtype.
+    ``validation_data``: a second cache folder dataset, offered as ``validation_dataset``.
     """
     if not dit:
         raise MusubiError(f"{WHERE}: name the checkpoint with dit = '<file>.safetensors' (Wan 2.2 A14B: the low-noise expert).")
@@ -77,9 +79,18 @@ def from_checkpoint(dit: str | None = None, data=None, dit_high_noise: str | Non
     elif timestep_boundary is not None:
         raise MusubiError(f"{WHERE}: timestep_boundary is for Wan 2.2 A14B's two experts; set dit_high_noise too.")
     training_data = ComfyTrainingData(data.cached_dataset(), data.architecture)
+    held = None
+    if validation_data is not None:
+        if not callable(getattr(validation_data, "cached_dataset", None)) or validation_data.architecture != data.architecture:
+            raise MusubiError(f"{WHERE}: validation_data_dir must hold caches of the same family as the training data "
+                              f"({family(data.architecture).title}), written by the Training Dataset node or musubi-tuner.")
+        held = ComfyTrainingData(validation_data.cached_dataset(), validation_data.architecture)
+        ValidationSet(held, where="validation_data_dir").check_matches(training_data, data.architecture)
     with torch.inference_mode(False), torch.enable_grad():
-        adapter, items = prepare_training(model, training_data, None, high_noise, timestep_boundary or 0.875)
+        adapter, items, held_items = prepare_training_with_validation(model, training_data, held, None, high_noise,
+                                                                      timestep_boundary or 0.875)
     adapter.training_dataset = items
+    adapter.validation_dataset = held_items
     lines = [f"dit {dit}: {_describe(model)}"]
     if high_noise is not None:
         lines.append(f"dit_high_noise {dit_high_noise}: {_describe(high_noise)}; experts split at t = {adapter.expert_boundary:g}")

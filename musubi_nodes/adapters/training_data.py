@@ -42,7 +42,7 @@ class GraphTrainingData:
     """Items from Train LoRA's ``latents`` and ``conditioning`` inputs (one caption per sample,
     or one for all)."""
 
-    def __init__(self, latents: dict, conditioning: list):
+    def __init__(self, latents: dict, conditioning: list, where: str = NODE):
         samples = latents["samples"]
         count = samples.shape[0]
         self.samples = [samples[i].clone() for i in range(count)]
@@ -55,7 +55,7 @@ class GraphTrainingData:
             self.conditionings = [[[conditioning[0][0].clone(), dict(conditioning[0][1])]] for _ in range(count)]
         else:
             raise MusubiError(
-                f"{NODE}: {count} training samples but the conditioning holds {len(conditioning)} entries of batch "
+                f"{where}: {count} samples but the conditioning holds {len(conditioning)} entries of batch "
                 f"{conditioning[0][0].shape[0] if conditioning else 0}; give one conditioning for all samples or one per sample."
             )
 
@@ -100,14 +100,77 @@ class TrainingItems(LatentCacheDataset):
     """The training engine's dataset over a :class:`TrainingData` source: buckets by latent shape,
     latents turned into the model's space with ``process_latent_in`` when a batch is built."""
 
-    def __init__(self, data: TrainingData, process_latent_in, architecture: str):
+    def __init__(self, data: TrainingData, process_latent_in, architecture: str, indices=None):
         self.data = data
         self.process_latent_in = process_latent_in
-        self.items = [CacheItem(str(index), "", tuple(data.latent_shape(index))) for index in range(len(data))]
+        # indices: the source items this view shows (training and validation items share one source,
+        # so the adapter reads both by the same index); default all of them.
+        self.indices = list(range(len(data))) if indices is None else list(indices)
+        self.items = [CacheItem(str(index), "", tuple(data.latent_shape(index))) for index in self.indices]
         self.architecture = architecture
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        latent = self.data.latent(index)
+        source = self.indices[index]
+        latent = self.data.latent(source)
         with torch.no_grad():
             latent = self.process_latent_in(latent.unsqueeze(0).float())[0]
-        return {"latents": latent, "index": torch.tensor(index)}
+        return {"latents": latent, "index": torch.tensor(source)}
+
+
+class SubsetData:
+    """Some items of a source, in the given order (a held-out split)."""
+
+    def __init__(self, data: TrainingData, indices):
+        self.data, self.indices = data, list(indices)
+        self.architecture = getattr(data, "architecture", None)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def latent_shape(self, index: int) -> tuple[int, ...]:
+        return tuple(self.data.latent_shape(self.indices[index]))
+
+    def latent(self, index: int) -> torch.Tensor:
+        return self.data.latent(self.indices[index])
+
+    def conditioning(self, index: int) -> list:
+        return self.data.conditioning(self.indices[index])
+
+
+class JoinedData:
+    """Training items followed by validation items: one source the model adapter reads both from."""
+
+    def __init__(self, first: TrainingData, second: TrainingData):
+        self.parts = (first, second)
+        self.split = len(first)
+        self.architecture = getattr(first, "architecture", None)
+
+    def __len__(self) -> int:
+        return self.split + len(self.parts[1])
+
+    def _where(self, index: int):
+        return (self.parts[0], index) if index < self.split else (self.parts[1], index - self.split)
+
+    def latent_shape(self, index: int) -> tuple[int, ...]:
+        part, local = self._where(index)
+        return tuple(part.latent_shape(local))
+
+    def latent(self, index: int) -> torch.Tensor:
+        part, local = self._where(index)
+        return part.latent(local)
+
+    def conditioning(self, index: int) -> list:
+        part, local = self._where(index)
+        return part.conditioning(local)
+
+
+def item_groups(data: TrainingData) -> list[list[int]]:
+    """Indices grouped by the item they repeat (a Training Dataset's num_repeats): a held-out split
+    takes whole groups, so no repeat of a held-out item is trained on."""
+    entries = getattr(getattr(data, "cached", None), "entries", None)
+    if entries is None or len(entries) != len(data):
+        return [[index] for index in range(len(data))]
+    groups: dict[int, list[int]] = {}
+    for index, entry in enumerate(entries):
+        groups.setdefault(id(entry), []).append(index)
+    return list(groups.values())
