@@ -2,7 +2,9 @@
 
 Chromium (Debian's ``chromium`` package, or ``$MUSUBI_CHROMIUM``) is driven over the Chrome
 DevTools Protocol with aiohttp, which ComfyUI itself needs — no browser download and no extra
-Python package. For each UI workflow the page calls ``app.loadGraphData`` and the test checks
+Python package. The page opens the template browser, where the pack's entry must list exactly the
+UI workflows (no API twins), each with a thumbnail that draws; each template is loaded by clicking
+its card, as a user does, and the test checks
 that no "missing nodes" dialog or error toast appears, that the frontend builds every node (its
 type is registered, ``LiteGraph.createNode`` gives a node, and after loading it is neither marked
 ``has_errors`` nor the frontend's placeholder for a node it could not create), and that the
@@ -12,7 +14,7 @@ naming each (``workflow: node id, type, why``) before any API-format comparison.
 that this pack's web extensions register and add their widgets without errors.
 
 Layout: after loading, the page reads every node's bounding box as the frontend lays it out, then
-plays what a run does to the nodes — a training step reaches Train LoRA's live loss chart, then
+plays what a run does to the nodes — a training step and a training sample reach Train LoRA's live view, then
 every node that shows an output gets one (the loss plot and pictures as images, videos as video,
 reports as text, Load Image/Load Video a file) — and reads the boxes again. No two nodes may
 overlap at any of those sizes, every node lies inside the group whose area holds its centre (below
@@ -22,7 +24,10 @@ Models: loader nodes carry ``properties.models`` (name, url, directory), which t
 offer downloads of missing files; the missing-models dialog must list exactly the files the server
 lacks, with no error (unknown folder, source or suffix).
 
-Screenshots (one per workflow) go to ``$MUSUBI_TEST_ARTIFACTS/browser/`` when that variable is
+Help: the frontend's node help panel opens every pack node's page (web/docs/<NodeId>.md), rendered
+with the node's display name as its title.
+
+Screenshots (one per workflow, the template browser, Train LoRA's help) go to ``$MUSUBI_TEST_ARTIFACTS/browser/`` when that variable is
 set, else to pytest's temporary folder; the folder is printed in the test's output.
 """
 
@@ -286,6 +291,8 @@ _LAYOUT = """
       const event = {node: String(node.id), prompt_id: prompt, client_id: api.clientId};
       api.dispatchCustomEvent("musubi.train.progress", {...event, step: 1, loss: 0.1, lrs: {unet: 1e-4}});
       api.dispatchCustomEvent("musubi.train.status", {...event, kind: "note", text: message});
+      api.dispatchCustomEvent("musubi.train.samples", {...event, step: 1,  // a training sample's preview under the chart
+        images: [{...outputs.MusubiTrainLoRA.images[0], step: 1, prompt: 1, label: "step 1 · prompt 1"}]});
       await frames(5);
       if (node.computeSize()[1] <= before) unchanged.push(`${node.title} (node ${node.id})`);
       record();
@@ -382,6 +389,139 @@ def layout_problems(layout: dict) -> list[str]:
     return problems
 
 
+# The template browser as a user meets it: Comfy.BrowseTemplates opens the dialog, the pack's entry
+# under "Custom Nodes" lists its templates (ComfyUI's /workflow_templates) as cards with thumbnails.
+# _TEMPLATE_CARDS shows that list: each card's name and whether its thumbnail drew (the dialog loads
+# thumbnails lazily, so each card is scrolled into view first). _OPEN_TEMPLATE clicks one card,
+# which makes the frontend fetch that template from the server and load it.
+_SHOW_PACK_TEMPLATES = """
+(async () => {
+  const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+  if (!document.querySelector('.p-dialog .template-card')) {
+    await app.extensionManager.command.execute('Comfy.BrowseTemplates');
+  }
+  for (let i = 0; i < 100; i++) {
+    const entry = [...document.querySelectorAll('.p-dialog .p-listbox-option')].find((e) => e.innerText.trim() === %s);
+    if (entry) {
+      entry.click();
+      await sleep(500);
+      return true;
+    }
+    await sleep(100);
+  }
+  return false;
+})()
+"""
+_TEMPLATE_CARDS = """
+(async () => {
+  const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+  const all = () => [...document.querySelectorAll('.p-dialog .template-card')];
+  // The dialog shows the first cards and adds more as its list is scrolled to the end.
+  for (let count = -1, still = 0; still < 5; ) {
+    const cards = all();
+    cards[cards.length - 1]?.scrollIntoView();
+    await sleep(200);
+    still = all().length === count ? still + 1 : 0;
+    count = all().length;
+  }
+  const cards = all();
+  const found = [];
+  for (const card of cards) {
+    card.scrollIntoView();
+    let image = null;
+    for (let i = 0; i < 50; i++) {
+      image = card.querySelector('img');
+      if (image && image.complete && image.naturalWidth > 0) break;
+      await sleep(100);
+    }
+    found.push({name: card.innerText.trim().split('\\n')[0], thumbnail: image ? [image.naturalWidth, image.naturalHeight] : null});
+  }
+  return found;
+})()
+"""
+_OPEN_TEMPLATE = """
+(async () => {
+  const expected = JSON.stringify(%s);
+  const ids = () => JSON.stringify(app.graph._nodes.map((n) => String(n.id)).sort());
+  const name = %s;
+  const find = () => [...document.querySelectorAll('.p-dialog .template-card')]
+      .find((c) => c.innerText.trim().split('\\n')[0] === name);
+  for (let i = 0; i < 50 && !find(); i++) {  // more cards appear as the list is scrolled to its end
+    const cards = document.querySelectorAll('.p-dialog .template-card');
+    cards[cards.length - 1]?.scrollIntoView();
+    await new Promise((resolve) => setTimeout(resolve, 200));
+  }
+  const card = find();
+  if (!card) return 'no card';
+  app.graph.clear();
+  card.scrollIntoView();
+  card.click();
+  for (let i = 0; i < 300 && ids() !== expected; i++) {
+    await new Promise((resolve) => setTimeout(resolve, 100));
+  }
+  return ids() === expected ? 'loaded' : 'the graph never showed the template: ' + ids();
+})()
+"""
+
+
+async def _pack_templates(page: DevToolsPage) -> list[dict]:
+    """The pack's templates as the template browser lists them (name, thumbnail size)."""
+    await page.evaluate(_CLOSE_DIALOGS)
+    assert await page.evaluate(_SHOW_PACK_TEMPLATES % json.dumps(PACK_NAME)), \
+        f"the template browser has no entry {PACK_NAME!r} under Custom Nodes"
+    return await page.evaluate(_TEMPLATE_CARDS)
+
+
+async def _load_template(page: DevToolsPage, workflow: dict, name: str) -> dict:
+    """Loads one template the way a user does (browse templates, the pack, click its card) and
+    inspects the result like ``_load``; ``workflow`` is the file on disk, to compare against."""
+    await page.evaluate(_CLOSE_DIALOGS)
+    await page.wait_for("document.querySelectorAll('.p-dialog').length === 0", timeout=10)
+    assert await page.evaluate(_SHOW_PACK_TEMPLATES % json.dumps(PACK_NAME))
+    node_ids = sorted(str(node["id"]) for node in workflow["nodes"])
+    loaded = await page.evaluate(_OPEN_TEMPLATE % (json.dumps(node_ids), json.dumps(name)))
+    assert loaded == "loaded", f"template {name!r}: {loaded}"
+    await asyncio.sleep(0.4)  # the missing-nodes dialog opens asynchronously after loading
+    return await page.evaluate(_INSPECT % json.dumps(workflow))
+
+
+# The node help panel of the frontend (its "nodeHelp" store, shown in the node library sidebar),
+# opened for one node definition: what it rendered (first lines) or the error it shows.
+_OPEN_HELP = """
+(async () => {
+  const pinia = document.getElementById('vue-app').__vue_app__.config.globalProperties.$pinia;
+  const help = pinia._s.get('nodeHelp');
+  const definition = pinia._s.get('nodeDef').nodeDefsByName[%s];
+  if (!definition) return {error: 'no node definition'};
+  if (!document.querySelector('.node-help-content') && !help.isHelpOpen) {
+    await app.extensionManager.command.execute('Workspace.ToggleSidebarTab.node-library');
+  }
+  help.closeHelp();
+  await new Promise((resolve) => setTimeout(resolve, 50));
+  help.openHelp(definition);
+  for (let i = 0; i < 100; i++) {
+    await new Promise((resolve) => setTimeout(resolve, 100));
+    const shown = document.querySelector('.node-help-content');
+    if (!help.isLoading && shown && shown.innerText.trim()) {
+      return {text: shown.innerText.slice(0, 2000), error: help.error ? String(help.error) : null,
+              headings: [...shown.querySelectorAll('h1, h2')].map((h) => h.innerText.trim())};
+    }
+  }
+  return {error: help.error ? String(help.error) : 'the help panel showed nothing'};
+})()
+"""
+
+
+async def _open_help_pages(page: DevToolsPage, node_ids: list[str], artifacts: Path) -> dict:
+    await page.evaluate(_CLOSE_DIALOGS)
+    pages = {}
+    for node_id in node_ids:
+        pages[node_id] = await page.evaluate(_OPEN_HELP % json.dumps(node_id))
+        if node_id == "MusubiTrainLoRA":
+            await page.screenshot(artifacts / "help_MusubiTrainLoRA.png")
+    return pages
+
+
 async def _load(page: DevToolsPage, workflow: dict, name: str) -> dict:
     await page.evaluate(_CLOSE_DIALOGS)
     await page.wait_for("document.querySelectorAll('.p-dialog').length === 0", timeout=10)
@@ -449,9 +589,14 @@ async def _check_in_browser(chromium: str, url: str, profile: Path, artifacts: P
 
 async def _inspect_workflows(page: DevToolsPage, artifacts: Path) -> dict:
     report = {"workflows": {}, "layout": {}, "ready_at": time.monotonic()}
+    report["templates"] = await _pack_templates(page)
+    await page.screenshot(artifacts / "template_browser.png")
+    listed = {card["name"] for card in report["templates"]}
     for path in UI_WORKFLOWS:
+        if path.stem not in listed:
+            continue  # the template test names it
         workflow = json.loads(path.read_text())
-        report["workflows"][path.stem] = await _load(page, workflow, path.name)
+        report["workflows"][path.stem] = await _load_template(page, workflow, path.stem)
         await page.evaluate(_CLOSE_DIALOGS)
         await page.evaluate("app.extensionManager?.command?.execute?.('Comfy.Canvas.FitView')")
         await asyncio.sleep(0.3)
@@ -468,6 +613,8 @@ async def _inspect_workflows(page: DevToolsPage, artifacts: Path) -> dict:
     throwing["nodes"].append({**throwing["nodes"][0], "id": 9998, "type": THROWING_TYPE, "inputs": [], "outputs": []})
     report["throwing_control"] = await _load(page, throwing, "throwing.json")
     await page.evaluate(f"LiteGraph.unregisterNodeType({json.dumps(THROWING_TYPE)})")
+    pack_nodes = await page.evaluate("Object.keys(LiteGraph.registered_node_types).filter((t) => t.startsWith('Musubi'))")
+    report["help"] = await _open_help_pages(page, sorted(pack_nodes), artifacts)
     return report
 
 
@@ -636,6 +783,38 @@ def test_missing_node_detector_fires_on_an_unknown_node(browser_report):
     control = browser_report["control"]
     assert [node["type"] for node in control["built"] if not node["registered"]] == [UNKNOWN_TYPE]
     assert any(UNKNOWN_TYPE in text for text in control["dialogs"]), control["dialogs"]
+
+
+@pytest.mark.comfyui
+@pytest.mark.browser
+def test_the_template_browser_lists_every_ui_workflow_with_its_thumbnail(browser_report):
+    """Only loadable workflows are templates (no API twins), each with a thumbnail that draws."""
+    cards = {card["name"]: card["thumbnail"] for card in browser_report["templates"]}
+    assert sorted(cards) == sorted(path.stem for path in UI_WORKFLOWS)
+    blank = [name for name, size in cards.items() if not size or size[0] < 200]
+    assert blank == [], f"templates whose thumbnail does not draw: {blank}"
+
+
+@pytest.mark.comfyui
+@pytest.mark.browser
+def test_the_help_panel_shows_every_pack_nodes_page(browser_report):
+    """The frontend's node help opens each pack node's page (web/docs/<NodeId>.md) rendered,
+    titled with the node's display name, with its Inputs and Outputs sections."""
+    info = browser_report["object_info"]
+    pack_nodes = sorted(name for name in info if name.startswith("Musubi"))
+    assert sorted(browser_report["help"]) == pack_nodes
+    problems = []
+    for node_id, shown in browser_report["help"].items():
+        if shown.get("error") or not shown.get("headings"):
+            problems.append(f"{node_id}: {shown.get('error') or 'no headings rendered'}")
+            continue
+        display_name = info[node_id]["display_name"]
+        if shown["headings"][0] != display_name:
+            problems.append(f"{node_id}: the panel's title is {shown['headings'][0]!r}, not {display_name!r}")
+        missing = [title for title in ("Inputs", "Outputs") if title not in shown["headings"]]
+        if missing:
+            problems.append(f"{node_id}: no {', '.join(missing)} section rendered")
+    assert problems == []
 
 
 @pytest.mark.comfyui

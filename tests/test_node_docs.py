@@ -146,10 +146,15 @@ def page_problems(nodes: dict[str, dict], docs: Path) -> list[str]:
             if f"`{name}`" not in inputs:
                 problems.append(f"{node_id}: input `{name}` is not named in its Inputs section")
                 continue
-            row = re.search(rf"^\|\s*`{re.escape(name)}`\s*(\(optional\))?\s*\|", inputs, re.M)
-            if row and bool(row.group(1)) != (name in optional):
+            # "- `name` (optional) — what …"; one item may name several inputs: "- `width`, `height` — …"
+            row = re.search(rf"^-\s*((?:`[^`\n]+`,\s*)*`{re.escape(name)}`(?:,\s*`[^`\n]+`)*)\s*(\(optional\))?\s*—",
+                            inputs, re.M)
+            if row is None:
+                problems.append(f"{node_id}: input `{name}` has no list item '- `{name}` — …' in its Inputs section "
+                                "(a list, not a table: the help panel is a narrow sidebar)")
+            elif bool(row.group(2)) != (name in optional):
                 state = "optional" if name in optional else "required"
-                problems.append(f"{node_id}: input `{name}` is {state}, but its table row says otherwise "
+                problems.append(f"{node_id}: input `{name}` is {state}, but its list item says otherwise "
                                 "(mark optional inputs `name` (optional))")
         outputs, position = section(text, "Outputs") or "", 0
         for name in info.get("output_name", []):
@@ -185,7 +190,7 @@ def test_the_checks_catch_each_kind_of_mistake(tmp_path):
     docs = tmp_path / "docs"
     docs.mkdir()
     sections = "".join(f"## {title}\n\ntext\n\n" for title in SECTIONS[2:])
-    good = "# Good\n\n## Inputs\n\n| `a` | x |\n| `b` (optional) | y |\n\n## Outputs\n\n`MODEL`, `STRING`\n\n" + sections
+    good = "# Good\n\n## Inputs\n\n- `a` — x\n- `b` (optional) — y\n\n## Outputs\n\n`MODEL`, `STRING`\n\n" + sections
     (docs / "MusubiGood.md").write_text(good, encoding="utf-8")
     assert page_problems(info, docs) == ["MusubiMissing: no page docs/MusubiMissing.md"]
 
@@ -202,11 +207,12 @@ def test_the_checks_catch_each_kind_of_mistake(tmp_path):
         "a title that is not the display name": (good.replace("# Good", "# Better"), "the title is '# Better'"),
         "a missing input": (good.replace("`b` (optional)", "b (optional)"), "input `b` is not named"),
         "an optional input not marked": (good.replace("`b` (optional)", "`b`"), "input `b` is optional"),
-        "a required input marked optional": (good.replace("| `a` |", "| `a` (optional) |"), "input `a` is required"),
+        "a required input marked optional": (good.replace("- `a` —", "- `a` (optional) —"), "input `a` is required"),
+        "an input in a table": (good.replace("- `a` — x", "| `a` | x |"), "input `a` has no list item"),
         "a missing output": (good.replace("`MODEL`, ", ""), "output `MODEL` is not named"),
         "outputs out of order": (good.replace("`MODEL`, `STRING`", "`STRING`, `MODEL`"), "output `STRING` is not named"),
         "a missing section": (good.replace("## Pitfalls", "## Problems"), "no '## Pitfalls' section"),
-        "an input named only outside its section": (good.replace("| `a` | x |", "| a | x |") + "`a`\n", "input `a` is not named"),
+        "an input named only outside its section": (good.replace("- `a` — x", "- a — x") + "`a`\n", "input `a` is not named"),
         "a bare placeholder": (good + "\nFiles go to models/loras/<output_name>/.\n", "HTML or a bare <placeholder>"),
         "a missing workflow": (good + "\n`workflows/no_such_workflow.json`\n", "names workflows/no_such_workflow.json"),
     }
