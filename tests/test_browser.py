@@ -531,11 +531,11 @@ async def _load(page: DevToolsPage, workflow: dict, name: str) -> dict:
 
 
 @contextlib.asynccontextmanager
-async def frontend_page(chromium: str, url: str, profile: Path, width: int = 2000, height: int = 1250,
+async def devtools_page(chromium: str, url: str, profile: Path, width: int = 2000, height: int = 1250,
                         settings: dict | None = None):
-    """Headless Chromium showing the ComfyUI frontend at ``url``, ready (node types registered and
-    this pack's extensions loaded); yields its DevToolsPage. ``settings`` are stored on the server
-    first (the first-run template browser is always skipped)."""
+    """Headless Chromium with one blank page, spoken to over the DevTools protocol; yields its
+    DevToolsPage (not yet navigated). ``settings`` are stored on the ComfyUI server at ``url`` first
+    (the first-run template browser is always skipped)."""
     import aiohttp
 
     process = subprocess.Popen(
@@ -561,14 +561,6 @@ async def frontend_page(chromium: str, url: str, profile: Path, width: int = 200
                 page = DevToolsPage(socket)
                 reader = asyncio.create_task(page.read())
                 try:
-                    for domain in ("Runtime", "Page", "Log"):
-                        await page.send(f"{domain}.enable")
-                    await page.send("Emulation.setDeviceMetricsOverride", width=width, height=height,
-                                    deviceScaleFactor=1, mobile=False)
-                    await page.send("Page.navigate", url=url)
-                    await page.wait_for("window.app?.graph && window.LiteGraph && Object.keys(LiteGraph.registered_node_types).length > 50")
-                    await page.wait_for(f"{json.dumps(sorted(EXTENSIONS))}.every((n) => app.extensions.some((e) => e.name === n))",
-                                        timeout=20)
                     yield page
                 finally:
                     reader.cancel()
@@ -579,6 +571,23 @@ async def frontend_page(chromium: str, url: str, profile: Path, width: int = 200
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@contextlib.asynccontextmanager
+async def frontend_page(chromium: str, url: str, profile: Path, width: int = 2000, height: int = 1250,
+                        settings: dict | None = None):
+    """The ComfyUI frontend at ``url`` in a ``devtools_page``, ready (node types registered and this
+    pack's extensions loaded)."""
+    async with devtools_page(chromium, url, profile, width, height, settings) as page:
+        for domain in ("Runtime", "Page", "Log"):
+            await page.send(f"{domain}.enable")
+        await page.send("Emulation.setDeviceMetricsOverride", width=width, height=height,
+                        deviceScaleFactor=1, mobile=False)
+        await page.send("Page.navigate", url=url)
+        await page.wait_for("window.app?.graph && window.LiteGraph && Object.keys(LiteGraph.registered_node_types).length > 50")
+        await page.wait_for(f"{json.dumps(sorted(EXTENSIONS))}.every((n) => app.extensions.some((e) => e.name === n))",
+                            timeout=20)
+        yield page
 
 
 async def _check_in_browser(chromium: str, url: str, profile: Path, artifacts: Path) -> dict:

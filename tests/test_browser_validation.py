@@ -13,15 +13,13 @@ import asyncio
 import base64
 import json
 import os
-import re
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
 from comfy_server import Graph
-from test_browser import BROWSER_SKIP_REASON, DevToolsPage, find_chromium
+from test_browser import BROWSER_SKIP_REASON, DevToolsPage, devtools_page, find_chromium
 from test_browser_live_view import ARCH, WORKFLOW, _clip, _latent_file, _load, _show, _train_lora_id
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.browser]
@@ -124,42 +122,10 @@ async def _exercise(page: DevToolsPage, url: str, artifacts: Path, training: dic
 
 
 async def _in_browser(chromium: str, url: str, profile: Path, artifacts: Path, *graphs) -> dict:
-    import aiohttp
-
-    process = subprocess.Popen(
-        [chromium, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-         "--remote-debugging-port=0", f"--user-data-dir={profile}", "--window-size=1600,1000", "about:blank"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )
-    try:
-        endpoint = None
-        for line in process.stderr:
-            match = re.search(r"DevTools listening on ws://([\d.]+:\d+)/", line)
-            if match:
-                endpoint = match.group(1)
-                break
-        assert endpoint, "Chromium did not open its DevTools port"
-        async with aiohttp.ClientSession() as session:
-            for setting, value in (("Comfy.TutorialCompleted", True), ("LiteGraph.Canvas.LowQualityRenderingZoomThreshold", 0.1),
-                                   ("Comfy.Workflow.ShowMissingModelsWarning", False)):
-                async with session.post(f"{url}/api/settings/{setting}", json=value) as answer:
-                    assert answer.status == 200
-            async with session.get(f"http://{endpoint}/json/list") as answer:
-                [target] = [t for t in await answer.json() if t["type"] == "page"][:1]
-            async with session.ws_connect(target["webSocketDebuggerUrl"], max_msg_size=0) as socket:
-                page = DevToolsPage(socket)
-                reader = asyncio.create_task(page.read())
-                try:
-                    return await _exercise(page, url, artifacts, *graphs)
-                finally:
-                    reader.cancel()
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    # No first-run templates and no missing-models dialog (the shipped models are not on the test
+    # server) over the node in the screenshots.
+    async with devtools_page(chromium, url, profile, 1600, 1000, settings={"LiteGraph.Canvas.LowQualityRenderingZoomThreshold": 0.1, "Comfy.Workflow.ShowMissingModelsWarning": False}) as page:
+        return await _exercise(page, url, artifacts, *graphs)
 
 
 def test_the_chart_draws_the_validation_line_and_the_ema_node_shows_its_candidates(comfy, tiny_model_file,
