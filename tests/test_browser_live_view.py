@@ -204,6 +204,12 @@ async def _exercise(page: DevToolsPage, url: str, artifacts: Path, run_graph, se
       return box?.querySelector(".musubi-train-notes")?.textContent.includes("trained steps 1–{STEPS} of {STEPS}");
     }})()""", timeout=300)
     report["after_run"] = await _show(page, train_id)
+    await asyncio.sleep(1.0)  # an image preview would load by now
+    report["picture_after_run"] = await page.evaluate(f"""(() => {{
+      const node = app.graph.getNodeById({train_id});
+      return {{imgs: (node.imgs || []).length, preview: (node.widgets || []).some((w) => w.name === "$$canvas-image-preview"),
+               outputs: (app.nodeOutputs?.[String({train_id})]?.images || []).length}};
+    }})()""")
     await _clip(page, report["after_run"], artifacts / "train_lora_live_view_wide.png")
     report["narrow"] = await _show(page, train_id, width=300)
     await _clip(page, report["narrow"], artifacts / "train_lora_live_view_narrow.png")
@@ -297,6 +303,10 @@ def live_view(request, tmp_path_factory) -> dict:
                                      run_graph, second_graph))
     report["artifacts"] = artifacts
     return report
+
+
+def test_the_run_this_tab_drew_live_shows_no_second_picture_of_its_curve(live_view):
+    assert live_view["picture_after_run"] == {"imgs": 0, "preview": False, "outputs": 0}
 
 
 def test_this_tabs_run_draws_its_curve_and_messages_into_its_node(live_view):

@@ -349,6 +349,25 @@ app.registerExtension({
       newRun(key, runningPrompt);
       repaint(key);
     });
+    // The node's loss picture is for runs no chart drew (API scripts); where this tab drew the run
+    // live, the picture would only repeat the chart under it, so it is not shown.
+    api.addEventListener("executed", (event) => {
+      const detail = event?.detail;
+      if (!detail?.output?.images?.length || detail.prompt_id == null) return;
+      const workflow = workflowOfPrompt(detail.prompt_id);
+      if (workflow === undefined) return;
+      const nodeId = String(detail.display_node ?? detail.node);
+      const run = runs.get(runKey(workflow, nodeId));
+      if (!run || run.prompt !== detail.prompt_id || !run.steps.length) return;
+      const node = app.graph?.getNodeById(Number(nodeId));
+      if (node?.type !== NODE_TYPE) return;
+      const shown = app.nodeOutputs?.[nodeId];
+      if (shown?.images) shown.images = [];
+      detail.output.images = [];
+      node.images = [];
+      node.imgs = undefined;
+      node.setDirtyCanvas?.(true, true);
+    });
     rememberQueueAtLoad();
   },
   async beforeRegisterNodeDef(nodeType, nodeData) {
