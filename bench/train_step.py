@@ -281,7 +281,8 @@ def _status_kib(pid: int, key: str) -> int:
 
 def _trained_parameters(server: ComfyServer, setup: Setup, trainer: str, outputs: dict, train: str) -> int:
     if trainer == "ours":
-        path = Path(outputs[train]["text"][0].splitlines()[-1])
+        # the summary's first file line is the saved LoRA (more lines follow: resume states, time)
+        path = Path(next(line for line in outputs[train]["text"][0].splitlines() if line.endswith(".safetensors")))
     else:
         path = max((server.output_dir / "loras").glob(f"bench_core_{setup.arch}_*.safetensors"), key=os.path.getmtime)
     tensors = safetensors.torch.load_file(str(path))
