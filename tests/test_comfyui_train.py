@@ -100,7 +100,7 @@ def test_a_lora_on_tiny_wan_learns_a_fixed_target(comfy, tiny_model_file, text_e
     # norms cap how well any LoRA can fit the noise part of the target (the loss settles near 1.3
     # from about 2), so the loss bar is a clear, repeatable fall; the sampling check below is the
     # point: from pure noise, the trained model lands about twice as near the training latent.
-    # LoHa and LoKr (issue #16) must learn it too, with the same settings.
+    # LoHa and LoKr must learn it too, with the same settings.
     folder = "learns" if network_type == "lora" else f"learns_{network_type}"
     g, model, positive, train = _training_graph(comfy, "wan21_t2v", tiny_model_file, text_embedding_file, steps=STEPS,
                                                 output_name=folder, learning_rate=1e-2, latent_count=1,

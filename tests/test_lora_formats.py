@@ -244,7 +244,7 @@ def test_check_is_lora_reads_key_names_only():
     check_is_lora(["transformer.x.lora_B.weight"])
     with pytest.raises(MusubiError, match="not a LoRA"):
         check_is_lora(["blocks.0.ffn.0.weight", "x.alpha"])
-    # LoHa and LoKr are LoRA-family networks this pack trains and loads (issue #16); OFT is not.
+    # LoHa and LoKr are LoRA-family networks this pack trains and loads; OFT is not.
     check_is_lora(["lora_unet_x.lokr_w1", "lora_unet_x.lokr_w2"])
     check_is_lora(["diffusion_model.x.hada_w1_a", "diffusion_model.x.hada_w1_b", "diffusion_model.x.alpha"])
     with pytest.raises(MusubiError, match="OFT"):

@@ -262,7 +262,7 @@ def test_load_lora_file(tmp_path):
         load_lora_file(model_path)
     loha_path = str(tmp_path / "loha.safetensors")
     save_file({"lora_unet_x.hada_w1_a": up, "lora_unet_x.hada_w1_b": down}, loha_path)
-    assert set(load_lora_file(loha_path)[0]) == {"lora_unet_x.hada_w1_a", "lora_unet_x.hada_w1_b"}  # LoHa: read (issue #16)
+    assert set(load_lora_file(loha_path)[0]) == {"lora_unet_x.hada_w1_a", "lora_unet_x.hada_w1_b"}  # LoHa: read
     oft_path = str(tmp_path / "oft.safetensors")
     save_file({"lora_unet_x.oft_blocks": up}, oft_path)
     with pytest.raises(MusubiError, match="OFT"):
