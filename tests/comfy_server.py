@@ -7,6 +7,7 @@ this pack linked into ``custom_nodes`` and every other custom node disabled.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import os
 import signal
@@ -317,6 +318,28 @@ class NodeRef(str):
 
     def __getitem__(self, index: int) -> list:
         return [str(self), index]
+
+
+def load_script(path: Path, module_name: str):
+    """Yields the script at ``path`` (a bench, say) imported as the module ``module_name``, and
+    takes it out of ``sys.modules`` afterwards; a fixture does ``yield from load_script(…)``. It
+    is registered while in use because dataclasses look their module up there."""
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(module_name, None)
+
+
+def adamw_constant(g: Graph, learning_rate: float) -> NodeRef:
+    """Optimizer + LR Schedule as most tests train: AdamW at a constant ``learning_rate``, no
+    warmup, no gradient clipping."""
+    return g.add("MusubiOptimizerSettings", optimizer_type="AdamW", custom_optimizer="", learning_rate=learning_rate,
+                 optimizer_args="", lr_scheduler="constant", lr_warmup_steps="0", lr_scheduler_num_cycles=1.0,
+                 lr_scheduler_power=1.0, lr_scheduler_min_lr_ratio=0.0, lr_scheduler_args="", max_grad_norm=0.0)
 
 
 def preview_text(outputs: dict, node) -> str:

@@ -4,14 +4,13 @@ machine runs keeps working."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 
 import pytest
-from comfy_server import REPO_ROOT, find_comfyui
+from comfy_server import REPO_ROOT, find_comfyui, load_script
 
 SCRIPT = REPO_ROOT / "bench" / "gpu_check.py"
 ROWS = ["train bf16 ckpt off", "train bf16 ckpt on", "train fp8 ckpt off", "train fp8 ckpt on", "fp8 forward",
@@ -20,14 +19,7 @@ ROWS = ["train bf16 ckpt off", "train bf16 ckpt on", "train fp8 ckpt off", "trai
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_gpu_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.modules.pop(spec.name, None)
+    yield from load_script(SCRIPT, "bench_gpu_check")
 
 
 def test_the_real_plan_is_wan_1_3b_at_its_real_size_on_small_latents(bench):

@@ -3,7 +3,6 @@ whole measurement (calibration, KSampler, MagCache Sampler, core EasyCache) on a
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -13,21 +12,14 @@ import sys
 import pytest
 import torch
 
-from comfy_server import REPO_ROOT, find_comfyui
+from comfy_server import REPO_ROOT, find_comfyui, load_script
 
 SCRIPT = REPO_ROOT / "bench" / "magcache.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_magcache", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.modules.pop(spec.name, None)
+    yield from load_script(SCRIPT, "bench_magcache")
 
 
 def test_psnr_is_ten_log10_of_peak_squared_over_mse(bench):

@@ -24,7 +24,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from comfy_server import PACK_NAME, REPO_ROOT, Graph
+from comfy_server import PACK_NAME, REPO_ROOT, Graph, adamw_constant
 from test_browser import BROWSER_SKIP_REASON, DevToolsPage, devtools_page, find_chromium
 from tiny_checkpoints import ARCHS
 
@@ -125,9 +125,7 @@ def _tiny_run(comfy, tiny_model_file, text_embedding_file, train_id: str, steps:
     model = g.add("UNETLoader", unet_name=tiny_model_file(ARCH), weight_dtype="default")
     positive = g.add("MusubiLoadTextEmbedding", embedding=text_embedding_file(ARCH), architecture="auto")
     latents = g.add("LoadLatent", latent=_latent_file(comfy))
-    optimizer = g.add("MusubiOptimizerSettings", optimizer_type="AdamW", custom_optimizer="", learning_rate=1e-2,
-                      optimizer_args="", lr_scheduler="constant", lr_warmup_steps="0", lr_scheduler_num_cycles=1.0,
-                      lr_scheduler_power=1.0, lr_scheduler_min_lr_ratio=0.0, lr_scheduler_args="", max_grad_norm=0.0)
+    optimizer = adamw_constant(g, 1e-2)
     train = g.add("MusubiTrainLoRA", model=model[0], latents=latents[0], conditioning=positive[0], steps=steps,
                   batch_size=1, gradient_accumulation_steps=1, seed=3, output_name=output_name, resume="no",
                   mixed_precision="no", gradient_checkpointing=False, optimizer_settings=optimizer[0])

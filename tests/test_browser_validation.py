@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from comfy_server import Graph
+from comfy_server import Graph, adamw_constant
 from test_browser import BROWSER_SKIP_REASON, DevToolsPage, devtools_page, find_chromium
 from test_browser_live_view import ARCH, WORKFLOW, _clip, _latent_file, _load, _show, _train_lora_id
 
@@ -46,9 +46,7 @@ def _graphs(comfy, tiny_model_file, text_embedding_file, train_id: str, name: st
     model = g.add("UNETLoader", unet_name=tiny_model_file(ARCH), weight_dtype="default")
     positive = g.add("MusubiLoadTextEmbedding", embedding=text_embedding_file(ARCH), architecture="auto")
     latents = g.add("LoadLatent", latent=_latent_file(comfy))
-    optimizer = g.add("MusubiOptimizerSettings", optimizer_type="AdamW", custom_optimizer="", learning_rate=2e-2,
-                      optimizer_args="", lr_scheduler="constant", lr_warmup_steps="0", lr_scheduler_num_cycles=1.0,
-                      lr_scheduler_power=1.0, lr_scheduler_min_lr_ratio=0.0, lr_scheduler_args="", max_grad_norm=0.0)
+    optimizer = adamw_constant(g, 2e-2)
     checkpoints = g.add("MusubiCheckpointSettings", save_every_n_steps=15, save_last_n_checkpoints=0, save_state=False,
                         lora_format="comfyui", save_precision="float32", log_with="none", logging_dir="")
     validation = g.add("MusubiValidationData", latents=latents[0], conditioning=positive[0], held_out_fraction=0.0,

@@ -16,7 +16,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from comfy_server import Graph
+from comfy_server import Graph, adamw_constant
 from fixture_files import write_wan_lora_checkpoints
 from tiny_checkpoints import ARCHS
 
@@ -62,9 +62,7 @@ def test_train_lora_with_compile_settings_trains_as_without(comfy, tiny_model_fi
     model = g.add("UNETLoader", unet_name=tiny_model_file(ARCH), weight_dtype="default")
     positive = g.add("MusubiLoadTextEmbedding", embedding=text_embedding_file(ARCH), architecture="wan")
     latents = g.add("LoadLatent", latent=_latent_file(comfy))
-    optimizer = g.add("MusubiOptimizerSettings", optimizer_type="AdamW", custom_optimizer="", learning_rate=1e-2,
-                      optimizer_args="", lr_scheduler="constant", lr_warmup_steps="0", lr_scheduler_num_cycles=1.0,
-                      lr_scheduler_power=1.0, lr_scheduler_min_lr_ratio=0.0, lr_scheduler_args="", max_grad_norm=0.0)
+    optimizer = adamw_constant(g, 1e-2)
     shown = {}
     for name, backend in (("eager", "NO"), ("compiled", "EAGER")):
         settings = g.add("MusubiCompileSettings", dynamo_backend=backend, dynamo_mode="default", dynamo_fullgraph=False,

@@ -7,7 +7,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from comfy_server import Graph
+from comfy_server import Graph, adamw_constant
 from musubi.data.image_embeddings import save_image_embedding
 from tiny_checkpoints import ARCHS
 
@@ -55,9 +55,7 @@ def _graph(comfy, tiny_model_file, text_embedding_file, *, output_name, layout="
     framepack = g.add("MusubiFramePackTrainingSettings", **settings)
     network = g.add("MusubiLoRANetworkSettings", network_dim=4, network_alpha=4.0, network_dropout=0.0, rank_dropout=0.0,
                     module_dropout=0.0, loraplus_lr_ratio=0.0, exclude_patterns="", include_patterns="", **network_options)
-    optimizer = g.add("MusubiOptimizerSettings", optimizer_type="AdamW", custom_optimizer="", learning_rate=1e-2,
-                      optimizer_args="", lr_scheduler="constant", lr_warmup_steps="0", lr_scheduler_num_cycles=1.0,
-                      lr_scheduler_power=1.0, lr_scheduler_min_lr_ratio=0.0, lr_scheduler_args="", max_grad_norm=0.0)
+    optimizer = adamw_constant(g, 1e-2)
     checkpoints = g.add("MusubiCheckpointSettings", save_every_n_steps=0, save_last_n_checkpoints=0,
                         save_state=False, lora_format="comfyui", save_precision="float32", log_with="none", logging_dir="")
     train = g.add("MusubiTrainLoRA", model=model[0], latents=latents[0], conditioning=positive[0], steps=steps,

@@ -14,7 +14,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from comfy_server import ComfyExecutionError, ComfyServer, Graph, find_comfyui
+from comfy_server import ComfyExecutionError, ComfyServer, Graph, find_comfyui, adamw_constant
 from tiny_checkpoints import ARCHS
 
 pytestmark = pytest.mark.comfyui
@@ -38,9 +38,7 @@ def _train_graph(comfy, tiny_model_file, text_embedding_file, *, steps, output_n
     model = g.add("UNETLoader", unet_name=tiny_model_file(ARCH), weight_dtype="default")
     positive = g.add("MusubiLoadTextEmbedding", embedding=text_embedding_file(ARCH), architecture="auto")
     latents = g.add("LoadLatent", latent=_latent_file(comfy))
-    optimizer = g.add("MusubiOptimizerSettings", optimizer_type="AdamW", custom_optimizer="", learning_rate=1e-2,
-                      optimizer_args="", lr_scheduler="constant", lr_warmup_steps="0", lr_scheduler_num_cycles=1.0,
-                      lr_scheduler_power=1.0, lr_scheduler_min_lr_ratio=0.0, lr_scheduler_args="", max_grad_norm=0.0)
+    optimizer = adamw_constant(g, 1e-2)
     network = g.add("MusubiLoRANetworkSettings", network_dim=4, network_alpha=4.0, network_dropout=0.0, rank_dropout=0.0,
                     module_dropout=0.0, loraplus_lr_ratio=0.0, exclude_patterns="", include_patterns="")
     train = g.add("MusubiTrainLoRA", model=model[0], latents=latents[0], conditioning=positive[0], steps=steps,

@@ -11,7 +11,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from comfy_server import Graph
+from comfy_server import Graph, adamw_constant
 from tiny_checkpoints import ARCHS
 
 pytestmark = pytest.mark.comfyui
@@ -45,9 +45,7 @@ def _training_graph(comfy, arch, tiny_model_file, text_embedding_file, *, steps,
     latents = g.add("LoadLatent", latent=_latent_file(comfy, arch, latent_count))
     network = g.add("MusubiLoRANetworkSettings", network_dim=rank, network_alpha=float(rank), network_dropout=0.0, rank_dropout=0.0,
                     module_dropout=0.0, loraplus_lr_ratio=0.0, exclude_patterns="", include_patterns="", **network_options)
-    optimizer = g.add("MusubiOptimizerSettings", optimizer_type="AdamW", custom_optimizer="", learning_rate=learning_rate,
-                      optimizer_args="", lr_scheduler="constant", lr_warmup_steps="0", lr_scheduler_num_cycles=1.0,
-                      lr_scheduler_power=1.0, lr_scheduler_min_lr_ratio=0.0, lr_scheduler_args="", max_grad_norm=0.0)
+    optimizer = adamw_constant(g, learning_rate)
     timesteps = g.add("MusubiTimestepSettings", timestep_sampling=timestep_sampling, discrete_flow_shift=1.0,
                       sigmoid_scale=1.0, logit_mean=0.0, logit_std=1.0, weighting_scheme="none", mode_scale=1.29,
                       min_timestep=min_timestep, max_timestep=1000, preserve_distribution_shape=False,
