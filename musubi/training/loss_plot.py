@@ -51,24 +51,12 @@ def render_loss_curve(losses: Sequence[float], width: int = 768, height: int = 3
     ``validation``: (steps, losses) of the run's validation, drawn as a green line with dots.
     Non-finite losses leave a gap instead of breaking the axis scale.
     """
-    width, height = int(width), int(height)
-    if width < MIN_SIZE or height < MIN_SIZE:
-        raise MusubiError(f"loss plot size must be at least {MIN_SIZE}x{MIN_SIZE} pixels, got {width}x{height}.")
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-        from matplotlib.ticker import MaxNLocator
-    except ImportError as error:
-        raise MusubiError("drawing the loss curve needs matplotlib; install it with: pip install matplotlib") from error
+    figure, axes = _new_plot(width, height, "the loss curve")
+    from matplotlib.ticker import MaxNLocator  # matplotlib is there: _new_plot checked
 
     values = np.array([float(value) for value in losses], dtype=np.float64)
     values[~np.isfinite(values)] = np.nan
     steps = np.arange(first_step, first_step + values.size)
-
-    # Half a pixel more than asked, because Agg truncates the figure size to whole pixels.
-    figure = Figure(figsize=((width + 0.5) / _DPI, (height + 0.5) / _DPI), dpi=_DPI, facecolor="white")
-    canvas = FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
     finite = values[np.isfinite(values)]
     if finite.size == 0:
         axes.text(0.5, 0.5, "no loss recorded", ha="center", va="center", transform=axes.transAxes, color="#666666")
@@ -97,6 +85,28 @@ def render_loss_curve(losses: Sequence[float], width: int = 768, height: int = 3
         axes.set_title(f"last {_short(last)}   min {_short(float(finite.min()))}", fontsize=9, loc="right", color="#444444")
         axes.grid(True, color="#e6e6e6", linewidth=0.8)
         axes.set_axisbelow(True)
+    return _finish(figure, axes, title, width, height)
+
+
+def _new_plot(width, height, what: str):
+    """A white matplotlib figure of ``width`` × ``height`` pixels and its axes (matplotlib is imported
+    only here, when a picture is drawn)."""
+    width, height = int(width), int(height)
+    if width < MIN_SIZE or height < MIN_SIZE:
+        raise MusubiError(f"plot size must be at least {MIN_SIZE}x{MIN_SIZE} pixels, got {width}x{height}.")
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as error:
+        raise MusubiError(f"drawing {what} needs matplotlib; install it with: pip install matplotlib") from error
+    # Half a pixel more than asked, because Agg truncates the figure size to whole pixels.
+    figure = Figure(figsize=((width + 0.5) / _DPI, (height + 0.5) / _DPI), dpi=_DPI, facecolor="white")
+    FigureCanvasAgg(figure)
+    return figure, figure.add_subplot()
+
+
+def _finish(figure, axes, title: str, width, height) -> np.ndarray:
+    """The plot's frame and title, laid out and drawn: RGB uint8 ``[height, width, 3]``."""
     for side in ("top", "right"):
         axes.spines[side].set_visible(False)
     if title:
@@ -104,9 +114,9 @@ def render_loss_curve(losses: Sequence[float], width: int = 768, height: int = 3
     with warnings.catch_warnings():  # very small pictures cannot fit every label; draw them anyway
         warnings.simplefilter("ignore", UserWarning)
         figure.tight_layout()
-    canvas.draw()
-    pixels = np.asarray(canvas.buffer_rgba())[..., :3]
-    return np.ascontiguousarray(pixels[:height, :width])
+    figure.canvas.draw()
+    pixels = np.asarray(figure.canvas.buffer_rgba())[..., :3]
+    return np.ascontiguousarray(pixels[:int(height), :int(width)])
 
 
 def _short(value: float) -> str:
@@ -117,20 +127,10 @@ def render_candidate_losses(values: Sequence[float], losses: Sequence[float], be
                             width: int = 640, height: int = 320, title: str = "Validation loss per EMA candidate") -> np.ndarray:
     """Validation loss against each candidate's parameter (post-hoc EMA's beta or sigma_rel), the
     chosen one ringed, as RGB uint8 ``[height, width, 3]``."""
-    width, height = int(width), int(height)
-    if width < MIN_SIZE or height < MIN_SIZE:
-        raise MusubiError(f"plot size must be at least {MIN_SIZE}x{MIN_SIZE} pixels, got {width}x{height}.")
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as error:
-        raise MusubiError("drawing the candidate plot needs matplotlib; install it with: pip install matplotlib") from error
+    figure, axes = _new_plot(width, height, "the candidate plot")
     order = np.argsort(np.asarray(values, dtype=np.float64), kind="stable")
     xs = np.asarray(values, dtype=np.float64)[order]
     ys = np.asarray(losses, dtype=np.float64)[order]
-    figure = Figure(figsize=((width + 0.5) / _DPI, (height + 0.5) / _DPI), dpi=_DPI, facecolor="white")
-    canvas = FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
     axes.plot(xs, ys, color=_AVERAGE_COLOR, linewidth=1.6, marker="o", markersize=4)
     axes.plot([values[best]], [losses[best]], linestyle="none", marker="o", markersize=11, markerfacecolor="none",
               markeredgecolor="#d62728", markeredgewidth=2, label=f"chosen: {parameter} {values[best]:g}")
@@ -143,13 +143,4 @@ def render_candidate_losses(values: Sequence[float], losses: Sequence[float], be
     axes.legend(loc="best", frameon=False, fontsize=8)
     axes.grid(True, color="#e6e6e6", linewidth=0.8)
     axes.set_axisbelow(True)
-    for side in ("top", "right"):
-        axes.spines[side].set_visible(False)
-    if title:
-        axes.set_title(title, fontsize=10, loc="left")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        figure.tight_layout()
-    canvas.draw()
-    pixels = np.asarray(canvas.buffer_rgba())[..., :3]
-    return np.ascontiguousarray(pixels[:height, :width])
+    return _finish(figure, axes, title, width, height)
