@@ -17,10 +17,8 @@ from ..musubi.files import remove_leftovers, write_bytes_atomically
 from ..musubi.training.samples import (
     SAMPLES_FOLDER,
     SampleTiming,
-    encode_frames,
+    encode_sample,
     log_to_trackers,
-    sample_file_name,
-    to_uint8_frames,
 )
 from .adapters.sampling import draw_sample
 
@@ -144,9 +142,8 @@ class SampleRunner:
     def _write(self, step: int, index: int, images: torch.Tensor) -> dict:
         """The sample's file next to the checkpoints, a preview copy in ComfyUI's temp folder (what
         /view serves to the live view), and a TensorBoard image when that is on."""
-        frames = to_uint8_frames(images)
-        data = encode_frames(frames)
-        name = sample_file_name(self.output_name, step, index, len(frames))
+        name, data = encode_sample(self.output_name, step, index, images)
+        frames = images.shape[0]
         os.makedirs(self.folder, exist_ok=True)
         path = os.path.join(self.folder, name)
         write_bytes_atomically(path, data)
@@ -158,7 +155,7 @@ class SampleRunner:
         trackers = getattr(getattr(self.trainer, "accelerator", None), "trackers", None) or []
         log_to_trackers(trackers, step, f"samples/p{index + 1}", images)
         return {"filename": preview, "subfolder": PREVIEW_SUBFOLDER, "type": "temp", "step": step, "prompt": index + 1,
-                "frames": len(frames), "label": f"step {step} · prompt {index + 1}" + (f" · {len(frames)} frames" if len(frames) > 1 else "")}
+                "frames": frames, "label": f"step {step} · prompt {index + 1}" + (f" · {frames} frames" if frames > 1 else "")}
 
     def images(self) -> torch.Tensor | None:
         """The newest sample of every prompt as one IMAGE batch (frames of videos in order), each

@@ -14,12 +14,11 @@ from test_trainer import network_weights, settings, write_items
 
 from musubi.lora.network import LoRANetwork
 from musubi.training.adapter import ToyAdapter
-from musubi.training.loop import TrainCallbacks, Trainer
+from musubi.training.loop import TrainCallbacks, Trainer, preserved_random_state
 from musubi.training.optimizers import eval_mode
 from musubi.training.samples import (
     SampleTiming,
     encode_frames,
-    preserved_random_state,
     sample_file_name,
     to_uint8_frames,
     write_sample,

@@ -73,7 +73,6 @@ from .checkpoints import (
 )
 from .settings import DEFAULT_TRACKER_NAME, TrainSettings, plain_value
 from .optimizers import build_optimizer, eval_mode, group_learning_rates, is_schedule_free, set_train_mode
-from .samples import preserved_random_state
 from .timesteps import apply_loss_weights, loss_weights, sample_noise_levels, stratified_uniforms
 from .validation import ValidationSet
 
@@ -840,24 +839,37 @@ def _seed_global_rngs(seed: int, rank: int) -> None:
     np.random.seed(value % 2**32)
 
 
-def _capture_rng_state(noise_generator: torch.Generator) -> dict[str, Any]:
+@contextlib.contextmanager
+def preserved_random_state():
+    """Every global random stream (torch CPU and CUDA, Python, NumPy) is put back afterwards:
+    samplers reseed the global torch generator, and training must draw exactly what it would have."""
+    state = _capture_rng_state()
+    try:
+        yield
+    finally:
+        _restore_rng_state(state)
+
+
+def _capture_rng_state(noise_generator: torch.Generator | None = None) -> dict[str, Any]:
     version, internal, gauss = random.getstate()
     name, keys, position, has_gauss, cached = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
-        "noise": noise_generator.get_state(),
         "python": {"version": version, "internal": list(internal), "gauss": gauss},
         "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
                   "has_gauss": int(has_gauss), "cached": float(cached)},
     }
+    if noise_generator is not None:
+        state["noise"] = noise_generator.get_state()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def _restore_rng_state(state: dict[str, Any], noise_generator: torch.Generator) -> None:
+def _restore_rng_state(state: dict[str, Any], noise_generator: torch.Generator | None = None) -> None:
     torch.set_rng_state(state["torch"])
-    noise_generator.set_state(state["noise"])
+    if noise_generator is not None:
+        noise_generator.set_state(state["noise"])
     python = state["python"]
     random.setstate((python["version"], tuple(python["internal"]), python["gauss"]))
     numpy_state = state["numpy"]

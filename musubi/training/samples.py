@@ -8,10 +8,8 @@ to leave every random stream as it was so that sampling never changes what train
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
-import random
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,12 +72,18 @@ def encode_frames(frames: np.ndarray, fps: float = 16.0) -> bytes:
     return buffer.getvalue()
 
 
+def encode_sample(output_name: str, step: int, index: int, images: torch.Tensor, fps: float = 16.0) -> tuple[str, bytes]:
+    """(file name, encoded file) of one sample's frames: a PNG, or an animated WebP for a video."""
+    frames = to_uint8_frames(images)
+    return sample_file_name(output_name, step, index, len(frames)), encode_frames(frames, fps)
+
+
 def write_sample(folder: str, output_name: str, step: int, index: int, images: torch.Tensor, fps: float = 16.0) -> str:
     """Writes one sample's frames atomically into ``folder``; returns the file's path."""
-    frames = to_uint8_frames(images)
+    name, data = encode_sample(output_name, step, index, images, fps)
     os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, sample_file_name(output_name, step, index, len(frames)))
-    write_bytes_atomically(path, encode_frames(frames, fps))
+    path = os.path.join(folder, name)
+    write_bytes_atomically(path, data)
     return path
 
 
@@ -89,21 +93,3 @@ def log_to_trackers(trackers, step: int, tag: str, images: torch.Tensor) -> None
     for tracker in trackers:
         if getattr(tracker, "name", None) == "tensorboard":
             tracker.tracker.add_image(tag, frame, global_step=step, dataformats="HWC")
-
-
-@contextlib.contextmanager
-def preserved_random_state():
-    """Every global random stream (torch CPU and CUDA, Python, NumPy) is put back afterwards:
-    samplers reseed the global torch generator, and training must draw exactly what it would have."""
-    torch_state = torch.get_rng_state()
-    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-    python_state = random.getstate()
-    numpy_state = np.random.get_state()
-    try:
-        yield
-    finally:
-        torch.set_rng_state(torch_state)
-        if cuda_states is not None:
-            torch.cuda.set_rng_state_all(cuda_states)
-        random.setstate(python_state)
-        np.random.set_state(numpy_state)
