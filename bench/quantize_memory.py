@@ -9,12 +9,14 @@ each in a fresh process and alternating, ``--repeats`` times:
 * ``in_memory``: ``quantize_checkpoint`` (what Load DiT (fp8 scaled) holds as its model) written
   with safetensors' own ``save_file``, for comparison;
 * ``load_save``: safetensors ``load_file`` + ``save_file`` of the same file, nothing computed —
-  the I/O floor a quantizer is measured against.
+  the I/O floor a quantizer is measured against;
+* ``load_save_synced``: the same, then fsync — the copy made as durable as the quantizer's
+  atomic writer makes its output (which is flushed to disk before it replaces the old file).
 
 Each process reports its peak resident memory (VmHWM) above what importing the library costs
 (VmRSS right after the imports), and its wall time for the job alone. Printed: medians with
 min–max per job, and the ratios docs/fp8.md quotes (peak / input size; stream time / load_save
-time). Run: ``python bench/quantize_memory.py [--blocks 14] [--repeats 3]``.
+time, unsynced and synced). Run: ``python bench/quantize_memory.py [--blocks 14] [--repeats 5]``.
 """
 
 from __future__ import annotations
@@ -99,6 +101,9 @@ elif job == "in_memory":
     save_file(state, target, metadata)
 else:
     save_file(load_file(source), target)
+    if job == "load_save_synced":
+        with open(target, "rb+") as written:
+            os.fsync(written.fileno())
 seconds = time.perf_counter() - start
 print(json.dumps({{"peak": rss("VmHWM:") - baseline, "seconds": seconds}}))
 """
@@ -115,27 +120,28 @@ def run_job(job: str, source: str, threads: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--blocks", type=int, default=14)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: every core)")
     args = parser.parse_args()
     sys.path.insert(0, REPO_ROOT)
     source = make_checkpoint(args.blocks)
     size = os.path.getsize(source)
-    jobs = ("stream", "in_memory", "load_save")
+    jobs = ("stream", "in_memory", "load_save", "load_save_synced")
     runs: dict[str, list[dict]] = {job: [] for job in jobs}
     for _ in range(args.repeats):
         for job in jobs:  # alternating, so a slow spell of a shared machine hits every job alike
             runs[job].append(run_job(job, source, args.threads))
     print(f"input: {size / 2**30:.2f} GiB bf16 ({args.blocks} Wan-width blocks), {args.repeats} runs per job, {args.threads} torch thread(s)")
-    print(f"{'job':<10} {'peak above imports':>24} {'peak / input':>16} {'seconds':>22}")
+    print(f"{'job':<16} {'peak above imports':>24} {'peak / input':>16} {'seconds':>22}")
     medians = {}
     for job in jobs:
         peaks = [run["peak"] for run in runs[job]]
         seconds = [run["seconds"] for run in runs[job]]
         medians[job] = (statistics.median(peaks), statistics.median(seconds))
-        print(f"{job:<10} {medians[job][0] / 2**20:>10.0f} MiB ({min(peaks) / 2**20:.0f}–{max(peaks) / 2**20:.0f})"
+        print(f"{job:<16} {medians[job][0] / 2**20:>10.0f} MiB ({min(peaks) / 2**20:.0f}–{max(peaks) / 2**20:.0f})"
               f" {medians[job][0] / size:>14.3f}x {medians[job][1]:>8.2f} s ({min(seconds):.2f}–{max(seconds):.2f})")
-    print(f"stream time / load_save time: {medians['stream'][1] / medians['load_save'][1]:.2f}x; "
+    print(f"stream time / load_save time: {medians['stream'][1] / medians['load_save'][1]:.2f}x "
+          f"(synced: {medians['stream'][1] / medians['load_save_synced'][1]:.2f}x); "
           f"stream peak / input: {medians['stream'][0] / size:.3f}x; "
           f"in_memory peak / input: {medians['in_memory'][0] / size:.3f}x")
 

@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import math
+import mmap
 import os
 import re
 import secrets
@@ -155,37 +156,59 @@ _TORCH_DTYPES = {
 SAFETENSORS_DTYPES = {dtype: name for name, dtype in _TORCH_DTYPES.items()}
 
 
-def iter_tensors(path: str, names: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_tensors(path: str, names: Iterable[str] | None = None, *,
+                 borrowed: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, tensor)`` of a file one tensor at a time, so only one is loaded at once.
 
     ``names`` restricts (and orders) what is read; by default every tensor in file order. Each
     tensor is read into memory of its own with plain reads, not through a memory map: a map
     keeps every page it touched resident until it closes, so going through a 28 GB checkpoint
     would end with all of it counted in the process's memory.
+
+    With ``borrowed``, a tensor is instead a view of the file mapped into memory (a private
+    mapping: writing to it never touches the file), so nothing is copied; once the next tensor is
+    asked for, the pages of the previous one are given back, and reading it again would fault
+    them back in. For consumers that use each tensor and let it go (the quantizer), and copy
+    what they keep. Where pages cannot be given back (no ``madvise``), tensors are read as usual.
     """
     layout = read_layout(path)
     if sys.byteorder != "little":  # the file's bytes are little-endian; let safetensors convert
         yield from _iter_tensors_mapped(path, names)
         return
     order = list(layout.tensors) if names is None else list(names)
+    if borrowed and _CAN_GIVE_PAGES_BACK:
+        yield from _iter_tensors_borrowed(path, layout, order)
+        return
     try:
         with open(path, "rb", buffering=0) as file:
             for name in order:
-                entry = layout.tensors.get(name)
-                if entry is None:
-                    raise MusubiError(f"{path}: cannot read tensors (no tensor named {name!r}).")
-                yield name, _read_tensor(file, entry, path, name)
+                yield name, _read_tensor(file, _entry(layout, path, name), path, name)
     except OSError as error:
         raise MusubiError(f"{path}: cannot read tensors ({error.strerror or error}).") from error
 
 
-def _read_tensor(file, entry: TensorEntry, path: str, name: str) -> torch.Tensor:
+_CAN_GIVE_PAGES_BACK = hasattr(mmap.mmap, "madvise") and hasattr(mmap, "MADV_DONTNEED")
+
+
+def _entry(layout: FileLayout, path: str, name: str) -> TensorEntry:
+    entry = layout.tensors.get(name)
+    if entry is None:
+        raise MusubiError(f"{path}: cannot read tensors (no tensor named {name!r}).")
+    return entry
+
+
+def _checked_dtype(entry: TensorEntry, path: str, name: str) -> torch.dtype:
     dtype = _TORCH_DTYPES.get(entry.dtype)
     if dtype is None:
         raise MusubiError(f"{path}: tensor {name!r} has the dtype {entry.dtype}, which this torch cannot hold.")
     expected = math.prod(entry.shape) * dtype.itemsize
     if expected != entry.length:
         raise _not_safetensors(path, f"tensor '{name}' takes {entry.length} bytes, not the {expected} its shape needs")
+    return dtype
+
+
+def _read_tensor(file, entry: TensorEntry, path: str, name: str) -> torch.Tensor:
+    dtype = _checked_dtype(entry, path, name)
     if entry.length == 0:
         return torch.empty(entry.shape, dtype=dtype)
     buffer = bytearray(entry.length)
@@ -197,6 +220,32 @@ def _read_tensor(file, entry: TensorEntry, path: str, name: str) -> torch.Tensor
             raise _not_safetensors(path, f"tensor '{name}' ends early (truncated file?)")
         read += count
     return torch.frombuffer(buffer, dtype=torch.uint8).view(dtype).reshape(entry.shape)
+
+
+def _iter_tensors_borrowed(path: str, layout: FileLayout, order: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    try:
+        with open(path, "rb") as file:
+            if os.fstat(file.fileno()).st_size == 0:
+                return
+            mapping = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
+    except OSError as error:
+        raise MusubiError(f"{path}: cannot read tensors ({error.strerror or error}).") from error
+    # The mapping is never closed by hand: tensors still alive keep it open, and it goes with them.
+    whole = memoryview(mapping)
+    page = mmap.PAGESIZE
+    for name in order:
+        entry = _entry(layout, path, name)
+        dtype = _checked_dtype(entry, path, name)
+        if entry.length == 0:
+            yield name, torch.empty(entry.shape, dtype=dtype)
+            continue
+        first = entry.start - entry.start % page
+        end = entry.start + entry.length
+        mapping.madvise(mmap.MADV_WILLNEED, first, end - first)  # one big read-ahead, not page by page
+        yield name, torch.frombuffer(whole[entry.start:end], dtype=torch.uint8).view(dtype).reshape(entry.shape)
+        done = end - end % page  # the last page may be shared with the next tensor
+        if done > first:
+            mapping.madvise(mmap.MADV_DONTNEED, first, done - first)
 
 
 def _iter_tensors_mapped(path: str, names: Iterable[str] | None) -> Iterator[tuple[str, torch.Tensor]]:
@@ -239,20 +288,76 @@ def stream_save_file(path: str, entries: Sequence[tuple[str, str, tuple[int, ...
             stream.write(len(encoded).to_bytes(8, "little"))
             stream.write(encoded)
             expected = iter(entries)
-            for name, tensor in tensors:
-                entry = next(expected, None)
-                if entry is None or entry[0] != name or SAFETENSORS_DTYPES.get(tensor.dtype) != entry[1] \
-                        or tuple(tensor.shape) != tuple(entry[2]):
-                    raise MusubiError(f"{path}: tensor {name!r} ({tensor.dtype}, {list(tensor.shape)}) does not match "
-                                      f"the header entry {entry!r} written for it.")
-                if tensor.numel():
-                    flat = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-                    stream.write(memoryview(flat.numpy()))
+            with _SyncAsYouGo(stream) as syncing:
+                for name, tensor in tensors:
+                    entry = next(expected, None)
+                    if entry is None or entry[0] != name or SAFETENSORS_DTYPES.get(tensor.dtype) != entry[1] \
+                            or tuple(tensor.shape) != tuple(entry[2]):
+                        raise MusubiError(f"{path}: tensor {name!r} ({tensor.dtype}, {list(tensor.shape)}) does not "
+                                          f"match the header entry {entry!r} written for it.")
+                    if tensor.numel():
+                        flat = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+                        stream.write(memoryview(flat.numpy()))
+                        syncing.wrote()
             missing = next(expected, None)
             if missing is not None:
                 raise MusubiError(f"{path}: tensor {missing[0]!r} was announced but never given.")
 
     write_atomically(path, write)
+
+
+class _SyncAsYouGo:
+    """Flushes a file that is being streamed to disk in the background, stretch by stretch.
+
+    The atomic writer's closing fsync would otherwise wait for the whole file at once, after all
+    the work is done (on a virtual disk that is most of a second per GiB). A thread that calls
+    fdatasync each time another stretch has been written lets the disk work while the next
+    tensors are read and computed, so the closing fsync finds little left. The thread only waits
+    on the disk; a failed flush is left for the closing fsync to report.
+    """
+
+    STRETCH = 64 << 20
+
+    def __init__(self, stream) -> None:
+        self.stream = stream
+        self.written = self.announced = stream.tell()
+        self.finished = False
+        self.changed = threading.Condition()
+        self.thread = threading.Thread(target=self._run, name="musubi-sync", daemon=True)
+
+    def __enter__(self) -> "_SyncAsYouGo":
+        self.thread.start()
+        return self
+
+    def wrote(self) -> None:
+        position = self.stream.tell()
+        if position - self.announced < self.STRETCH:
+            return
+        self.stream.flush()
+        with self.changed:
+            self.written = self.announced = position
+            self.changed.notify()
+
+    def __exit__(self, *exc) -> None:
+        with self.changed:
+            self.finished = True
+            self.changed.notify()
+        self.thread.join()
+
+    def _run(self) -> None:
+        sync = getattr(os, "fdatasync", os.fsync)
+        synced = self.written
+        while True:
+            with self.changed:
+                while not self.finished and self.written == synced:
+                    self.changed.wait()
+                if self.finished:
+                    return
+                synced = self.written
+            try:
+                sync(self.stream.fileno())
+            except (OSError, ValueError):
+                return
 
 
 def entries_of(tensors: Mapping[str, torch.Tensor]) -> list[tuple[str, str, tuple[int, ...]]]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
+import time
 
 import pytest
 import safetensors.torch
@@ -233,26 +235,63 @@ def same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
 
 
-def test_iter_tensors_reads_every_dtype_as_safetensors_does(tmp_path):
+@pytest.mark.parametrize("borrowed", [False, True])
+def test_iter_tensors_reads_every_dtype_as_safetensors_does(tmp_path, borrowed):
     path = str(tmp_path / "all.safetensors")
     tensors = every_dtype_tensors()
     safetensors.torch.save_file(tensors, path)
     reference = safetensors.torch.load_file(path)
-    read = dict(iter_tensors(path))
+    read = {name: tensor.clone() for name, tensor in iter_tensors(path, borrowed=borrowed)}
     assert set(read) == set(reference)
     for name, tensor in reference.items():
         assert same(read[name], tensor), name
 
 
-def test_iter_tensors_names_a_truncated_file_and_a_missing_tensor(tmp_path):
+@pytest.mark.parametrize("borrowed", [False, True])
+def test_iter_tensors_names_a_truncated_file_and_a_missing_tensor(tmp_path, borrowed):
     path = tmp_path / "cut.safetensors"
     safetensors.torch.save_file({"a": torch.ones(64), "b": torch.ones(64)}, str(path))
     with pytest.raises(MusubiError, match="no tensor named 'c'"):
-        list(iter_tensors(str(path), ["c"]))
+        list(iter_tensors(str(path), ["c"], borrowed=borrowed))
     data = path.read_bytes()
     path.write_bytes(data[:-10])
     with pytest.raises(MusubiError, match="cut.safetensors"):
-        list(iter_tensors(str(path)))
+        list(iter_tensors(str(path), borrowed=borrowed))
+
+
+def resident_bytes_of_mapping(path: str) -> int:
+    """Bytes of ``path``'s pages mapped into this process and resident, exactly (Linux smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 5 and not fields[0].endswith(":"):
+                inside = len(fields) >= 6 and fields[5] == path
+            elif inside and fields[0] == "Rss:":
+                total += int(fields[1]) * 1024
+    return total
+
+
+@pytest.mark.skipif(not safetensors_io._CAN_GIVE_PAGES_BACK or not os.path.exists("/proc/self/smaps"),
+                    reason="needs madvise and /proc (Linux)")
+def test_borrowed_tensors_give_their_pages_back_and_never_write_the_file(tmp_path):
+    path = str(tmp_path / "big.safetensors")
+    tensor_bytes = 4 << 20
+    tensors = {f"t{index:02d}": torch.full((tensor_bytes // 4,), float(index)) for index in range(16)}  # 64 MiB in all
+    safetensors.torch.save_file(tensors, path)
+    before = safetensors_io.read_layout(path)
+    with open(path, "rb") as file:
+        original = hashlib.sha256(file.read()).hexdigest()
+    resident = []
+    for name, tensor in iter_tensors(path, borrowed=True):
+        assert torch.equal(tensor, tensors[name])  # reads every page of it
+        resident.append(resident_bytes_of_mapping(path))
+        tensor.add_(1)  # a private mapping: consumers may even write
+    assert min(resident) >= tensor_bytes  # the tensor at hand is resident (the measure sees it)...
+    assert max(resident) < 3 * tensor_bytes  # ...but only about one at a time, not the 64 MiB file
+    with open(path, "rb") as file:
+        assert hashlib.sha256(file.read()).hexdigest() == original
+    assert safetensors_io.read_layout(path) == before
 
 
 def test_stream_save_file_writes_what_safetensors_reads(tmp_path):
@@ -277,3 +316,34 @@ def test_stream_save_file_refuses_a_tensor_that_differs_from_its_entry_and_leave
     with pytest.raises(MusubiError, match="announced but never given"):
         safetensors_io.stream_save_file(str(path), entries, iter([("a", torch.ones(2))]))
     assert os.listdir(tmp_path) == []
+    assert not [thread for thread in threading.enumerate() if thread.name == "musubi-sync"]
+
+
+def test_stream_save_file_flushes_to_disk_while_writing(tmp_path, monkeypatch):
+    """The disk works while later tensors are still being produced, not all at the closing fsync."""
+    flushed_sizes = []
+    real_sync = getattr(os, "fdatasync", os.fsync)
+
+    def recording_sync(descriptor):
+        flushed_sizes.append(os.fstat(descriptor).st_size)
+        real_sync(descriptor)
+
+    monkeypatch.setattr(os, "fdatasync" if hasattr(os, "fdatasync") else "fsync", recording_sync)
+    monkeypatch.setattr(safetensors_io._SyncAsYouGo, "STRETCH", 64 << 10)
+    tensors = {f"t{index}": torch.full((64 << 10,), float(index)) for index in range(8)}  # 256 KiB each
+
+    def slowly():
+        for index, (name, tensor) in enumerate(tensors.items()):
+            if index == len(tensors) - 1:  # like a quantizer still busy: give the flushing thread its turn
+                deadline = time.monotonic() + 20
+                while not flushed_sizes and time.monotonic() < deadline:
+                    time.sleep(0.01)
+            yield name, tensor
+
+    path = str(tmp_path / "streamed.safetensors")
+    safetensors_io.stream_save_file(path, safetensors_io.entries_of(tensors), slowly())
+    total = os.path.getsize(path)
+    early = [size for size in flushed_sizes if size < total]
+    assert early, flushed_sizes  # at least one flush before the last tensor was written
+    loaded = safetensors.torch.load_file(path)
+    assert all(torch.equal(loaded[name], tensor) for name, tensor in tensors.items())

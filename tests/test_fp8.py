@@ -589,8 +589,8 @@ def test_quantize_file_reads_one_tensor_at_a_time(tmp_path, monkeypatch):
     reads = []
     real_iter = safetensors_io.iter_tensors
 
-    def counting_iter(path, names=None):
-        for name, tensor in real_iter(path, names):
+    def counting_iter(path, names=None, **options):
+        for name, tensor in real_iter(path, names, **options):
             reads.append(name)
             yield name, tensor
 
@@ -649,19 +649,30 @@ def reference_quantize(weight: torch.Tensor, fp8_format: str, mode: str, block_s
     return codes.reshape(weight.shape), scale.reshape(()) if used == "tensor" else scale, used
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
 @pytest.mark.parametrize("mode", ["block", "channel", "tensor"])
 @pytest.mark.parametrize("fp8_format", ["e4m3fn", "e5m2"])
-def test_quantize_weight_is_bit_identical_to_the_definition(dtype, mode, fp8_format):
+@pytest.mark.parametrize("chunk_elements", [None, 4096])
+def test_quantize_weight_is_bit_identical_to_the_definition(dtype, mode, fp8_format, chunk_elements, monkeypatch):
+    import musubi.fp8 as fp8_module
+
+    if chunk_elements:  # rows in several chunks: some all finite (the short path), some not
+        monkeypatch.setattr(fp8_module, "_CPU_CHUNK_ELEMENTS", chunk_elements)
     generator = torch.Generator().manual_seed(11)
-    weight = (torch.randn(300, 256, generator=generator) * torch.logspace(-3, 1, 300).unsqueeze(1)).to(dtype)
-    weight[7, 3], weight[100, 200], weight[250, 0] = float("nan"), float("inf"), float("-inf")  # each spoils only its group
-    weight[40] = 0  # an all-zero row gets the floor scale
-    got = quantize_weight(weight, fp8_format, mode, 64)
-    codes, scale, used = reference_quantize(weight, fp8_format, mode, 64)
-    assert got.mode == used
-    assert torch.equal(got.scale, scale)
-    assert torch.equal(got.q.view(torch.uint8), codes.view(torch.uint8))
+    scales = torch.logspace(-30 if dtype != torch.float16 else -6, 1, 300).unsqueeze(1)  # subnormal groups too
+    finite = (torch.randn(300, 256, generator=generator, dtype=torch.float64) * scales).to(dtype)
+    spoiled = finite.clone()
+    spoiled[7, 3], spoiled[100, 200], spoiled[250, 0] = float("nan"), float("inf"), float("-inf")  # each spoils only its group
+    spoiled[40] = 0  # an all-zero row gets the floor scale
+    for weight in (finite, spoiled, finite.t()):
+        before = weight.clone()
+        got = quantize_weight(weight, fp8_format, mode, 64)
+        codes, scale, used = reference_quantize(weight, fp8_format, mode, 64)
+        assert got.mode == used
+        assert torch.equal(got.scale, scale)
+        assert torch.equal(got.q.view(torch.uint8), codes.view(torch.uint8))
+        assert torch.equal(weight.view(torch.uint8) if weight.is_contiguous() else weight.contiguous().view(torch.uint8),
+                           before.contiguous().view(torch.uint8))  # the input is never written to
 
 
 def test_quantize_file_streams_exactly_what_quantize_checkpoint_holds(tmp_path, monkeypatch):
@@ -678,11 +689,12 @@ def test_quantize_file_streams_exactly_what_quantize_checkpoint_holds(tmp_path, 
     in_memory, metadata, _ = quantize_checkpoint(source)
     reads = []
     real = safetensors_io.iter_tensors
-    monkeypatch.setattr(safetensors_io, "iter_tensors", lambda *args: (reads.append(args) or real(*args)))
+    monkeypatch.setattr(safetensors_io, "iter_tensors",
+                        lambda *args, **options: (reads.append((args, options)) or real(*args, **options)))
     monkeypatch.setattr(safetensors_io, "atomic_save_file", None)  # the streamed path never builds the whole dict
     report = quantize_file(source, str(tmp_path / "out.safetensors"))
     written = load_file(str(tmp_path / "out.safetensors"))
-    assert reads == [(source,)]  # one pass over the input
+    assert reads == [((source,), {"borrowed": True})]  # one pass over the input, mapped rather than copied
     assert list(written) and set(written) == set(in_memory)
     for key, tensor in in_memory.items():
         assert written[key].dtype == tensor.dtype and torch.equal(written[key].view(torch.uint8), tensor.view(torch.uint8)), key
