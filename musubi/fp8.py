@@ -224,10 +224,38 @@ def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype =
         )
     result = torch.empty(groups.shape, dtype=dtype, device=q.device)
     if q.numel():
+        widen, scale = _widening(groups, scale)
         for rows in _row_chunks(groups):
             part_scale = scale if scale.shape[0] == 1 else scale[rows]
-            result[rows] = groups[rows].to(torch.float32) * part_scale
+            if widen is None:
+                result[rows] = groups[rows].to(torch.float32) * part_scale
+            else:
+                result[rows] = widen(groups[rows]).to(torch.float32) * part_scale
     return result.reshape(q.shape)
+
+
+def _widening(groups: torch.Tensor, scale: torch.Tensor):
+    """On the CPU, a fast exact way to widen the codes (None: torch's conversion) and the scale to use with it.
+
+    torch converts fp8 element by element on the CPU (about 10x slower than the rest of
+    dequantizing). Moving bits is exact and vectorised: E5M2 is float16's upper byte, and
+    E4M3FN's exponent and mantissa placed in float16's low exponent bits read as the value
+    times 2**-8, normal and subnormal codes alike, so the scale takes the 256. E4M3FN's two NaN
+    codes would read as ±480, so a tensor holding one (no quantizer writes them) keeps the slow
+    path, as does a scale too large to take the factor.
+    """
+    if groups.device.type != "cpu" or groups.dtype not in (torch.float8_e5m2, torch.float8_e4m3fn):
+        return None, scale
+    if groups.dtype == torch.float8_e5m2:
+        return (lambda codes: codes.view(torch.int8).to(torch.int16).bitwise_left_shift_(8).view(torch.float16)), scale
+    if int((groups.view(torch.uint8) & 0x7F).amax()) == 0x7F:
+        return None, scale
+    scaled = scale * 256.0
+    if not bool(torch.isfinite(scaled).all()):
+        return None, scale
+    # int8 sign-extends: shifted left by 7, the sign lands on bits 15 and 14; bit 14 is cleared.
+    return (lambda codes: codes.view(torch.int8).to(torch.int16).bitwise_left_shift_(7).bitwise_and_(-16385)
+            .view(torch.float16)), scaled
 
 
 def scale_key_for(weight_key: str) -> str:

@@ -242,6 +242,31 @@ def test_dequantize_applies_block_scales_to_their_columns():
     assert dequantize_weight(conv.q, conv.scale, torch.bfloat16).shape == (4, 2, 1, 2, 2)
 
 
+@pytest.mark.parametrize("fp8_format", ["e4m3fn", "e5m2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("with_nan_codes", [False, True])
+def test_dequantize_equals_torchs_conversion_for_every_code_and_scale(fp8_format, dtype, with_nan_codes):
+    """The CPU's bit-moving widening gives exactly ``codes.to(float32) * scale``: every one of the
+    256 codes (subnormals, ±0, E5M2's infinities and NaNs, E4M3FN's NaN codes) against scales from
+    tiny to huge, stored in bfloat16 or float32, per tensor, row and block."""
+    from musubi.fp8 import fp8_dtype
+
+    all_codes = torch.arange(256, dtype=torch.uint8).repeat(64).reshape(128, 128)
+    if fp8_format == "e4m3fn" and not with_nan_codes:
+        all_codes[(all_codes & 0x7F) == 0x7F] = 0x7E
+    codes = all_codes.view(fp8_dtype(fp8_format))
+    scales = [torch.tensor(0.75).bfloat16(), torch.tensor(3e38), torch.logspace(-40, 30, 128).reshape(128, 1).bfloat16(),
+              torch.logspace(-44, 37, 256).reshape(128, 2, 1).bfloat16(), torch.logspace(-44, 37, 256).reshape(128, 2, 1)]
+    for scale in scales:
+        before = scale.clone()
+        got = dequantize_weight(codes, scale, dtype)
+        grouped = codes.reshape(128, scale.shape[1], -1) if scale.dim() == 3 else codes
+        expected = (grouped.to(torch.float32) * scale.float().reshape(scale.shape if scale.dim() else ())).reshape(128, 128)
+        width = {4: torch.int32, 2: torch.int16}[dtype.itemsize]
+        assert torch.equal(got.view(width), expected.to(dtype).view(width)), (list(scale.shape), scale.dtype)
+        assert torch.equal(scale, before)  # the layer's own scale is never changed
+
+
 def test_dequantize_rejects_scales_that_do_not_fit():
     codes = torch.zeros(4, 64).to(torch.float8_e4m3fn)
     for bad in (torch.ones(3, 1), torch.ones(4, 3, 1), torch.ones(4, 1, 2), torch.ones(2, 2)):
