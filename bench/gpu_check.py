@@ -284,7 +284,9 @@ class Runner:
 
     # training
 
-    def train(self, trainer: str, model, checkpointing: bool, compile_settings: dict | None = None) -> Measured:
+    def train(self, trainer: str, model, checkpointing: bool, compile_settings: dict | None = None,
+              precision: str = "bf16") -> Measured:
+        """``precision``: bf16 (mixed precision for Train LoRA, training_dtype for core) or fp32."""
         plan, env, inputs = self.plan, self.env, self.inputs
 
         def work(result: Measured) -> None:
@@ -293,7 +295,8 @@ class Runner:
                 if trainer == "ours":
                     node = env.train_lora.MusubiTrainLoRA.PREPARE_CLASS_CLONE({"UNIQUE_ID": "gpu_check"})
                     node.execute(model=model, steps=plan.train_steps, batch_size=1, gradient_accumulation_steps=1,
-                                 seed=1, output_name="gpu_check", resume="no", mixed_precision="bf16",
+                                 seed=1, output_name="gpu_check", resume="no",
+                                 mixed_precision="bf16" if precision == "bf16" else "no",
                                  gradient_checkpointing=checkpointing, network_settings=self.network,
                                  optimizer_settings=self.optimizer, latents=inputs.latents,
                                  conditioning=inputs.positive, compile_settings=compile_settings)
@@ -301,7 +304,7 @@ class Runner:
                     env.core_train.TrainLoraNode().train(
                         model, inputs.latents, inputs.positive, batch_size=1, steps=plan.train_steps,
                         grad_accumulation_steps=1, learning_rate=LEARNING_RATE, rank=RANK, optimizer="AdamW",
-                        loss_function="MSE", seed=1, training_dtype="bf16", lora_dtype="fp32", algorithm="LoRA",
+                        loss_function="MSE", seed=1, training_dtype=precision, lora_dtype="fp32", algorithm="LoRA",
                         gradient_checkpointing=checkpointing, existing_lora="[None]")
             intervals = clock.intervals()
             result.first.append(intervals[0])
