@@ -24,8 +24,10 @@ are on GPUs, where fusion saves memory traffic and launches; measure there with 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -51,11 +53,21 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=15, help="timed steps of each kind and model")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--warm-cache", action="store_true",
+                        help="keep inductor's disk cache (default: an empty one, so the compile time is a cold compile)")
     return parser.parse_args()
 
 
 def main() -> int:
     args = parse_args()
+    if not args.warm_cache:
+        with tempfile.TemporaryDirectory(prefix="inductor-cache-") as cache:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+            return measure(args)
+    return measure(args)
+
+
+def measure(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -113,17 +125,26 @@ def main() -> int:
             eager_times.append(timed(step)[0])
             with regions:
                 compiled_times.append(timed(step)[0])
-        eager, compiled = statistics.median(eager_times), statistics.median(compiled_times)
-        rows.append((name, eager, compiled, first - eager, difference))
+        rows.append((name, eager_times, compiled_times, first - statistics.median(eager_times), difference))
 
     print()
-    print(f"{'step':<10}{'eager ms':>12}{'compiled ms':>14}{'speed-up':>10}{'compile s (once)':>18}{'max |diff|':>12}")
-    for name, eager, compiled, compile_time, difference in rows:
-        print(f"{name:<10}{eager * 1e3:>12.2f}{compiled * 1e3:>14.2f}{eager / compiled:>9.2f}×{compile_time:>18.1f}{difference:>12.2e}")
+    print(f"{'step':<10}{'eager ms (min–max)':>24}{'compiled ms (min–max)':>24}{'speed-up (range)':>20}"
+          f"{'compile s (once)':>18}{'max |diff|':>12}")
+    for name, eager_times, compiled_times, compile_time, difference in rows:
+        speed_ups = [eager / compiled for eager, compiled in zip(eager_times, compiled_times)]
+        print(f"{name:<10}{spread(eager_times, 1e3):>24}{spread(compiled_times, 1e3):>24}"
+              f"{statistics.median(eager_times) / statistics.median(compiled_times):>8.2f}× "
+              f"({min(speed_ups):.2f}–{max(speed_ups):.2f}){compile_time:>12.1f}{difference:>12.2e}")
     print()
-    print(f"medians of {args.repeats} alternating steps; speed-up = eager / compiled time. On CPU the gain may be "
-          "small or negative; compiling pays off on GPUs and on long runs that amortise the compile time.")
+    print(f"medians of {args.repeats} alternating steps with their min–max; speed-up = median eager / median compiled "
+          "time, its range from each alternating pair. Compile time: the first compiled step over an eager one, with "
+          f"{'the inductor cache as found' if args.warm_cache else 'an empty inductor cache (cold compile)'}. On CPU "
+          "the gain may be small or negative; compiling pays off on GPUs and on long runs that amortise the compile time.")
     return 0
+
+
+def spread(values: list[float], unit: float) -> str:
+    return f"{statistics.median(values) * unit:.2f} ({min(values) * unit:.2f}–{max(values) * unit:.2f})"
 
 
 if __name__ == "__main__":
