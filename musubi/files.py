@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 import unicodedata
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -165,11 +166,13 @@ def iter_tensors(path: str, names: Iterable[str] | None = None, *,
     keeps every page it touched resident until it closes, so going through a 28 GB checkpoint
     would end with all of it counted in the process's memory.
 
-    With ``borrowed``, a tensor is instead a view of the file mapped into memory (a private
-    mapping: writing to it never touches the file), so nothing is copied; once the next tensor is
-    asked for, the pages of the previous one are given back, and reading it again would fault
-    them back in. For consumers that use each tensor and let it go (the quantizer), and copy
-    what they keep. Where pages cannot be given back (no ``madvise``), tensors are read as usual.
+    With ``borrowed``, a tensor is instead a read-only view of the file mapped into memory, so
+    nothing is copied; once the next tensor is asked for, the pages of the previous one are given
+    back, and reading it again would fault them back in. For consumers that read each tensor and
+    let it go (the quantizer), copy what they keep and never write to one (the pages are the
+    file's: writing is a crash, not an error). A read-only map is not charged against the
+    system's memory commit, so a checkpoint larger than RAM maps as well. Where pages cannot be
+    given back (no ``madvise``), tensors are read as usual.
     """
     layout = read_layout(path)
     if sys.byteorder != "little":  # the file's bytes are little-endian; let safetensors convert
@@ -227,7 +230,7 @@ def _iter_tensors_borrowed(path: str, layout: FileLayout, order: list[str]) -> I
         with open(path, "rb") as file:
             if os.fstat(file.fileno()).st_size == 0:
                 return
-            mapping = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
+            mapping = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
     except OSError as error:
         raise MusubiError(f"{path}: cannot read tensors ({error.strerror or error}).") from error
     # The mapping is never closed by hand: tensors still alive keep it open, and it goes with them.
@@ -242,7 +245,11 @@ def _iter_tensors_borrowed(path: str, layout: FileLayout, order: list[str]) -> I
         first = entry.start - entry.start % page
         end = entry.start + entry.length
         mapping.madvise(mmap.MADV_WILLNEED, first, end - first)  # one big read-ahead, not page by page
-        yield name, torch.frombuffer(whole[entry.start:end], dtype=torch.uint8).view(dtype).reshape(entry.shape)
+        with warnings.catch_warnings():  # torch warns that the buffer is read-only, which is the point
+            warnings.simplefilter("ignore", UserWarning)
+            tensor = torch.frombuffer(whole[entry.start:end], dtype=torch.uint8)
+        yield name, tensor.view(dtype).reshape(entry.shape)
+        del tensor
         done = end - end % page  # the last page may be shared with the next tensor
         if done > first:
             mapping.madvise(mmap.MADV_DONTNEED, first, done - first)
