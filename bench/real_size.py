@@ -252,6 +252,8 @@ def main() -> None:
     parser.add_argument("--case", help=argparse.SUPPRESS)  # the child side
     parser.add_argument("--write", action="store_true", help=argparse.SUPPRESS)
     options = parser.parse_args()
+    if not os.path.exists("/proc/self/status"):
+        raise SystemExit("bench/real_size.py reads peak memory from /proc/self/status, which only Linux has.")
     if options.write:
         print(json.dumps({"path": str(write_checkpoint(options))}))
         return
