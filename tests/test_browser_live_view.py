@@ -25,8 +25,11 @@ import safetensors.torch
 import torch
 
 from comfy_server import PACK_NAME, REPO_ROOT, Graph, adamw_constant
-from test_browser import BROWSER_SKIP_REASON, DevToolsPage, devtools_page, find_chromium
+from test_browser import BROWSER_SKIP_REASON, DevToolsPage, find_chromium, frontend_page
 from tiny_checkpoints import ARCHS
+
+# Node text drawn even when a whole workflow is fitted; no dialog about models the tests never download.
+PAGE_SETTINGS = {"LiteGraph.Canvas.LowQualityRenderingZoomThreshold": 0.1, "Comfy.Workflow.ShowMissingModelsWarning": False}
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.browser]
 
@@ -177,14 +180,8 @@ def _dispatch(kind: str, detail: str) -> str:
     return f"window.comfyAPI.api.api.dispatchCustomEvent({json.dumps(kind)}, {detail})"
 
 
-async def _exercise(page: DevToolsPage, url: str, artifacts: Path, run_graph, second_graph) -> dict:
+async def _exercise(page: DevToolsPage, artifacts: Path, run_graph, second_graph) -> dict:
     other_workflow = _other_workflow()
-    for domain in ("Runtime", "Page", "Log"):
-        await page.send(f"{domain}.enable")
-    await page.send("Emulation.setDeviceMetricsOverride", width=1600, height=1000, deviceScaleFactor=1, mobile=False)
-    await page.send("Page.navigate", url=url)
-    await page.wait_for("window.app?.graph && window.LiteGraph && Object.keys(LiteGraph.registered_node_types).length > 50")
-    await page.wait_for("app.extensions.some((e) => e.name === 'musubi.TrainLossCurve')", timeout=20)
     report: dict = {}
     train_id = _train_lora_id(WORKFLOW)
     report["train_id"] = train_id
@@ -276,8 +273,8 @@ async def _exercise(page: DevToolsPage, url: str, artifacts: Path, run_graph, se
 async def _in_browser(chromium: str, url: str, profile: Path, artifacts: Path, run_graph, second_graph) -> dict:
     # No first-run templates and no missing-models dialog (the shipped models are not on the test
     # server) over the node in the screenshots.
-    async with devtools_page(chromium, url, profile, 1600, 1000, settings={"LiteGraph.Canvas.LowQualityRenderingZoomThreshold": 0.1, "Comfy.Workflow.ShowMissingModelsWarning": False}) as page:
-        return await _exercise(page, url, artifacts, run_graph, second_graph)
+    async with frontend_page(chromium, url, profile, 1600, 1000, settings=PAGE_SETTINGS) as page:
+        return await _exercise(page, artifacts, run_graph, second_graph)
 
 
 @pytest.fixture(scope="module")

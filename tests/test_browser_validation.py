@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from comfy_server import Graph, adamw_constant
-from test_browser import BROWSER_SKIP_REASON, DevToolsPage, devtools_page, find_chromium
-from test_browser_live_view import ARCH, WORKFLOW, _clip, _latent_file, _load, _show, _train_lora_id
+from test_browser import BROWSER_SKIP_REASON, DevToolsPage, find_chromium, frontend_page
+from test_browser_live_view import ARCH, PAGE_SETTINGS, WORKFLOW, _clip, _latent_file, _load, _show, _train_lora_id
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.browser]
 STEPS = 60
@@ -65,13 +65,7 @@ def _graphs(comfy, tiny_model_file, text_embedding_file, train_id: str, name: st
     return training, merging, MERGE_ID
 
 
-async def _exercise(page: DevToolsPage, url: str, artifacts: Path, training: dict, merging: dict, merge_id: str) -> dict:
-    for domain in ("Runtime", "Page", "Log"):
-        await page.send(f"{domain}.enable")
-    await page.send("Emulation.setDeviceMetricsOverride", width=1600, height=1000, deviceScaleFactor=1, mobile=False)
-    await page.send("Page.navigate", url=url)
-    await page.wait_for("window.app?.graph && window.LiteGraph && Object.keys(LiteGraph.registered_node_types).length > 50")
-    await page.wait_for("app.extensions.some((e) => e.name === 'musubi.TrainLossCurve')", timeout=20)
+async def _exercise(page: DevToolsPage, artifacts: Path, training: dict, merging: dict, merge_id: str) -> dict:
     train_id = _train_lora_id(WORKFLOW)
     await _load(page, WORKFLOW)
     report: dict = {}
@@ -122,8 +116,8 @@ async def _exercise(page: DevToolsPage, url: str, artifacts: Path, training: dic
 async def _in_browser(chromium: str, url: str, profile: Path, artifacts: Path, *graphs) -> dict:
     # No first-run templates and no missing-models dialog (the shipped models are not on the test
     # server) over the node in the screenshots.
-    async with devtools_page(chromium, url, profile, 1600, 1000, settings={"LiteGraph.Canvas.LowQualityRenderingZoomThreshold": 0.1, "Comfy.Workflow.ShowMissingModelsWarning": False}) as page:
-        return await _exercise(page, url, artifacts, *graphs)
+    async with frontend_page(chromium, url, profile, 1600, 1000, settings=PAGE_SETTINGS) as page:
+        return await _exercise(page, artifacts, *graphs)
 
 
 def test_the_chart_draws_the_validation_line_and_the_ema_node_shows_its_candidates(comfy, tiny_model_file,
