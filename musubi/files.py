@@ -327,7 +327,7 @@ class _SyncAsYouGo:
 
     def __init__(self, stream) -> None:
         self.stream = stream
-        self.written = self.announced = stream.tell()
+        self.written = stream.tell()  # changed by the writing thread only
         self.finished = False
         self.changed = threading.Condition()
         self.thread = threading.Thread(target=self._run, name="musubi-sync", daemon=True)
@@ -338,11 +338,11 @@ class _SyncAsYouGo:
 
     def wrote(self) -> None:
         position = self.stream.tell()
-        if position - self.announced < self.STRETCH:
+        if position - self.written < self.STRETCH:
             return
         self.stream.flush()
         with self.changed:
-            self.written = self.announced = position
+            self.written = position
             self.changed.notify()
 
     def __exit__(self, *exc) -> None:
